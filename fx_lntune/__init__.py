@@ -1,0 +1,38 @@
+"""fx-lntune: LayerNorm tuning (arXiv 2312.11420) for Hugging Face models as a torch.fx graph rewrite."""
+
+from fx_lntune.api import (
+    active_adapter,
+    get_nb_trainable_parameters,
+    list_adapters,
+    lntune_transform,
+    print_trainable_parameters,
+    targeted_module_names,
+)
+from fx_lntune.config import LNTuningConfig
+from fx_lntune.dispatch import LNTuningDispatch, ModulesToSaveDispatch
+from fx_lntune.errors import (
+    LNTuneAdapterError,
+    LNTuneConfigError,
+    LNTuneError,
+    LNTuneExportError,
+    LNTuneStateError,
+    LNTuneTraceError,
+)
+
+__all__ = [
+    "LNTuningConfig",
+    "LNTuningDispatch",
+    "ModulesToSaveDispatch",
+    "LNTuneError",
+    "LNTuneConfigError",
+    "LNTuneTraceError",
+    "LNTuneAdapterError",
+    "LNTuneStateError",
+    "LNTuneExportError",
+    "lntune_transform",
+    "targeted_module_names",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
+    "active_adapter",
+    "list_adapters",
+]

@@ -1,0 +1,151 @@
+"""The public functions over a tuned GraphModule: transform, and the trainable-parameter helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.capture import capture
+from fx_lntune.config import LNTuningConfig, as_config, resolve_modules_to_save, resolve_targets
+from fx_lntune.dispatch import LNTuningDispatch
+from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
+from fx_lntune.inputs import default_input_names, make_dummy_inputs
+from fx_lntune.state import META_KEY, LNTuneState, dispatch_modules, get_state
+from passes._runner import run_pass
+from passes.inject import inject_adapters
+
+__all__ = [
+    "lntune_transform",
+    "targeted_module_names",
+    "get_nb_trainable_parameters",
+    "print_trainable_parameters",
+    "active_adapter",
+    "list_adapters",
+    "check_adapter_name",
+    "apply_selection",
+]
+
+
+def lntune_transform(
+    model: nn.Module,
+    config: LNTuningConfig | Any,
+    adapter_name: str = "default",
+    *,
+    tracer: str = "auto",
+    input_names: Sequence[str] | None = None,
+    example_inputs: Mapping[str, torch.Tensor] | None = None,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` as a ``torch.fx.GraphModule`` and give it the LN-tuning adapter ``adapter_name``.
+
+    Every module the config targets becomes an adapter-dispatch module at its own path (``P.base_layer``,
+    ``P.ln_tuning_layers.<adapter>``); every other weight is frozen and shares storage with ``model``, which is
+    not modified. The adapter starts equal to the base, so outputs equal the model's. ``config`` may also be a
+    ``peft.LNTuningConfig``.
+
+    ``example_inputs`` (keyword tensors) drive the capture; without them, small dummy inputs are made for
+    ``input_names`` (default: the inputs a user of this model class passes). The graph accepts any batch
+    size and sequence length, by keyword with the same names.
+    """
+    if not isinstance(model, nn.Module):
+        raise LNTuneTraceError(
+            f"lntune_transform needs a torch.nn.Module, got {type(model).__name__}; pass the model itself."
+        )
+    config = as_config(config)
+    check_adapter_name(adapter_name, existing=())
+    targets = resolve_targets(model, config)
+    saved = resolve_modules_to_save(model, config)
+    inputs = _example_inputs(model, input_names, example_inputs)
+
+    gm, used = capture(model, [*targets, *saved], inputs, tracer)
+    gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
+    hf_config = getattr(model, "config", None)
+    gm.meta[META_KEY] = LNTuneState(
+        configs={adapter_name: config},
+        active_adapter=adapter_name,
+        tracer=used,
+        input_names=list(inputs),
+        model_type=getattr(hf_config, "model_type", None),
+        base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
+        model_class=type(model).__name__,
+    )
+    if hf_config is not None:
+        gm.config = hf_config
+    apply_selection(gm)
+    return gm
+
+
+def _example_inputs(
+    model: nn.Module, input_names: Sequence[str] | None, example_inputs: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    if example_inputs is not None:
+        if not isinstance(example_inputs, Mapping) or not all(isinstance(key, str) for key in example_inputs):
+            raise LNTuneTraceError(
+                "example_inputs must be a dict of keyword inputs, e.g. {'input_ids': ids, 'attention_mask': mask}; "
+                f"got {type(example_inputs).__name__}."
+            )
+        return dict(example_inputs)
+    names = list(input_names) if input_names is not None else default_input_names(model)
+    return make_dummy_inputs(model, names)
+
+
+def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
+    """Refuse names that cannot be a module key or a safe directory name, and names already in use."""
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise LNTuneAdapterError(f"an adapter name must be a non-empty string, got {adapter_name!r}.")
+    if "." in adapter_name or "/" in adapter_name or "\\" in adapter_name or adapter_name in ("..", "."):
+        raise LNTuneAdapterError(
+            f"adapter name {adapter_name!r} contains '.', '/' or '\\'; these would break module paths and saved "
+            "directories. Use letters, digits, '-' or '_'."
+        )
+    if adapter_name in existing:
+        raise LNTuneAdapterError(
+            f"adapter {adapter_name!r} already exists (adapters: {', '.join(existing)}); choose another name or "
+            "delete_adapter it first."
+        )
+
+
+def apply_selection(gm: torch.fx.GraphModule) -> None:
+    """Make every dispatch module route and train as the graph's state says (in place)."""
+    state = get_state(gm)
+    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled
+    for module in dispatch_modules(gm).values():
+        module.select(state.active_adapter, disabled=state.disabled)
+        module.set_trainable(state.active_adapter, trainable)
+
+
+def targeted_module_names(gm: torch.fx.GraphModule) -> list[str]:
+    """The paths of the modules tuned by any adapter of ``gm`` (not ``modules_to_save``), in graph order."""
+    get_state(gm)
+    return [name for name, module in dispatch_modules(gm).items() if isinstance(module, LNTuningDispatch)]
+
+
+def active_adapter(gm: torch.fx.GraphModule) -> str:
+    """The name of the adapter ``gm``'s forward uses."""
+    return get_state(gm).active_adapter
+
+
+def list_adapters(gm: torch.fx.GraphModule) -> list[str]:
+    """The names of ``gm``'s adapters, in the order they were added."""
+    return list(get_state(gm).configs)
+
+
+def get_nb_trainable_parameters(gm: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts, counted as PEFT counts them (each shared tensor once)."""
+    trainable = total = 0
+    for param in gm.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(gm: nn.Module) -> None:
+    """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = get_nb_trainable_parameters(gm)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+

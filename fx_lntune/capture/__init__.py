@@ -1,0 +1,58 @@
+"""Capture front-ends: a model and keyword inputs in, a GraphModule whose targeted modules are leaves out.
+
+Every front-end returns a plain ``torch.fx.GraphModule`` with the model's parameter paths, in which each
+module in ``leaves`` is a ``call_module`` node. Nothing downstream knows which one ran.
+
+``tracer="auto"`` tries, in order, for a Hugging Face model: ``export`` (every architecture, any transformers
+version, dynamic shapes), then ``hf_fx`` where transformers < 5 provides it; for any other module: ``fx``
+(shape-agnostic symbolic tracing), then ``export``. The first that captures wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.capture.export import capture_export
+from fx_lntune.capture.fx import capture_fx, capture_hf_fx, hf_fx_available
+from fx_lntune.errors import LNTuneTraceError
+
+__all__ = ["TRACERS", "capture", "hf_fx_available"]
+
+TRACERS = ("auto", "export", "hf_fx", "fx")
+
+_FRONTENDS = {"export": capture_export, "hf_fx": capture_hf_fx, "fx": capture_fx}
+
+
+def capture(
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    tracer: str = "auto",
+) -> tuple[torch.fx.GraphModule, str]:
+    """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
+
+    ``model`` is not modified.
+    """
+    if tracer not in TRACERS:
+        raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
+    if tracer != "auto":
+        return _FRONTENDS[tracer](model, leaves, example_inputs), tracer
+    errors = []
+    for name in _auto_order(model):
+        try:
+            return _FRONTENDS[name](model, leaves, example_inputs), name
+        except LNTuneTraceError as error:
+            errors.append(error)
+    raise LNTuneTraceError(" | ".join(str(error) for error in errors)) from errors[0]
+
+
+def _auto_order(model: nn.Module) -> list[str]:
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return ["export", "hf_fx"] if hf_fx_available() else ["export"]
+    return ["fx", "export"]

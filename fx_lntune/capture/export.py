@@ -1,0 +1,78 @@
+"""The `torch.export` front-end: works for every architecture on any transformers version."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode
+from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.inputs import dynamic_shapes_for
+from passes._runner import run_pass
+from passes.dropout import fold_dropout
+from passes.fold import fold_module_calls
+
+__all__ = ["capture_export"]
+
+# Nodes export adds that pin the graph to the capture's device, dtype and shapes; the eager model has none.
+_CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def capture_export(
+    model: nn.Module, leaves: Sequence[str], example_inputs: Mapping[str, torch.Tensor]
+) -> torch.fx.GraphModule:
+    """Capture ``model`` with ``torch.export.export(strict=False)`` and dynamic batch/sequence dimensions, then
+    fold each module in ``leaves`` (and every dropout) back into one ``call_module`` node.
+
+    The model is captured in training mode, so that dropout appears in the graph, and falls back to evaluation
+    mode where training-only code cannot be captured. Works on a copy: ``model`` is left as it was.
+    """
+    errors = []
+    for training in (True, False):
+        try:
+            with capture_mode(model, training=training):
+                program = torch.export.export(
+                    model, (), dict(example_inputs), strict=False,
+                    dynamic_shapes=dynamic_shapes_for(example_inputs),
+                )
+            break
+        except Exception as error:  # noqa: BLE001 - reported below with the front-end's name
+            errors.append(error)
+    else:
+        raise LNTuneTraceError(
+            f"tracer='export' could not capture {type(model).__name__}: {type(errors[-1]).__name__}: "
+            f"{_first_line(errors[-1])}. Check that example_inputs are what the model's forward takes, or try "
+            "tracer='hf_fx' (transformers < 5) or tracer='fx'."
+        ) from errors[-1]
+
+    unlifted = program.module()
+    graph = unlifted.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    for module in unlifted.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in list(module.graph.nodes):
+                if node.target in _CHECK_OPS:
+                    module.graph.erase_node(node)
+            if module is not unlifted:
+                module.recompile()
+    shell = alias_model(model)
+    dropouts = [name for name, module in shell.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
+    extra = {name: getattr(unlifted, name) for name, _ in unlifted.named_children() if name != "_guards_fn"}
+    extra.update({name: value for name, value in vars(unlifted).items() if isinstance(value, torch.Tensor)})
+    gm = build_graph_module(
+        shell, graph, leaves=[*leaves, *dropouts], extra=extra, class_name=type(model).__name__
+    )
+    gm = run_pass(fold_module_calls, gm, paths=[*leaves, *dropouts])
+    gm = run_pass(fold_dropout, gm, cleanup=True)
+    gm.train(model.training)
+    return gm
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"

@@ -1,0 +1,7 @@
+"""The graph passes of fx-lntune: each a function over a GraphModule returning a ``PassResult``."""
+
+from passes.dropout import fold_dropout
+from passes.fold import fold_module_calls
+from passes.inject import inject_adapters
+
+__all__ = ["fold_dropout", "fold_module_calls", "inject_adapters"]

@@ -1,0 +1,61 @@
+"""Inject adapters: turn each targeted ``call_module`` node's module into an adapter-dispatch module."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
+from fx_lntune.errors import LNTuneConfigError
+from fx_lntune.modules import set_submodule
+
+__all__ = ["NODE_MARK", "inject_adapters"]
+
+NODE_MARK = "fx_lntune"
+
+
+def inject_adapters(
+    gm: torch.fx.GraphModule,
+    *,
+    adapter_name: str,
+    targets: Sequence[str],
+    modules_to_save: Sequence[str] = (),
+) -> PassResult:
+    """Give ``adapter_name`` a copy of every module in ``targets`` and ``modules_to_save`` (in place).
+
+    A module seen for the first time is wrapped in a dispatch module at the same path; the graph's nodes keep
+    their targets and only gain a mark in ``node.meta["fx_lntune"]``. Before, for ``targets=["ln"]``::
+
+        x -> call_module[ln](x)            ln = LayerNorm
+
+    after::
+
+        x -> call_module[ln](x)            ln = LNTuningDispatch(base_layer=LayerNorm,
+                                                                ln_tuning_layers={adapter: LayerNorm copy})
+
+    Copies start from the base weights and are frozen; `set_adapter` decides what trains.
+    """
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append(node)
+    kinds = [(path, LNTuningDispatch) for path in targets] + [(path, ModulesToSaveDispatch) for path in modules_to_save]
+    for path, kind in kinds:
+        if path not in calls:
+            raise LNTuneConfigError(f"module '{path}' is not a call_module node of this graph, so it cannot be tuned.")
+        module = gm.get_submodule(path)
+        if not isinstance(module, AdapterDispatch):
+            module = kind(module)
+            set_submodule(gm, path, module)
+        elif not isinstance(module, kind):
+            raise LNTuneConfigError(
+                f"module '{path}' is a {type(module).__name__} for another adapter and cannot also be a "
+                f"{kind.__name__}; keep it in either target_modules or modules_to_save for every adapter."
+            )
+        module.add_copy(adapter_name)
+        module.set_trainable(None, False)
+        for node in calls[path]:
+            node.meta[NODE_MARK] = kind.__name__
+    return PassResult(gm, bool(kinds))
