@@ -10,7 +10,13 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture import capture
-from fx_lntune.config import LNTuningConfig, as_config, resolve_modules_to_save, resolve_targets
+from fx_lntune.config import (
+    LNTuningConfig,
+    as_config,
+    is_normalization_module,
+    resolve_modules_to_save,
+    resolve_targets,
+)
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
@@ -60,7 +66,7 @@ def lntune_transform(
     saved = resolve_modules_to_save(model, config)
     inputs = _example_inputs(model, input_names, example_inputs)
 
-    gm, used = capture(model, [*targets, *saved], inputs, tracer)
+    gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     gm.meta[META_KEY] = LNTuneState(
@@ -76,6 +82,20 @@ def lntune_transform(
         gm.config = hf_config
     apply_selection(gm)
     return gm
+
+
+def _spare_norms(model: nn.Module, taken: Sequence[str]) -> list[str]:
+    """Normalization modules with weights that no adapter targets yet, outside the taken modules: captured as
+    leaves too, so that a later adapter can target them without a new capture."""
+    spare: list[str] = []
+    inside = tuple(f"{path}." for path in taken)
+    for name, module in model.named_modules():
+        if not name or name in taken or name.startswith(inside) or not is_normalization_module(module):
+            continue
+        if next(module.parameters(), None) is not None:
+            spare.append(name)
+            inside += (f"{name}.",)
+    return spare
 
 
 def _example_inputs(

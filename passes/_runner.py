@@ -9,6 +9,14 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["run_pass"]
 
+# torch.export records vmap (used by transformers 4.x's mask code) as nesting calls whose results nobody reads;
+# they are state changes all the same, and dropping them breaks the graph at run time.
+_STATEFUL_MODULES = frozenset({"torch._functorch.predispatch"})
+
+
+def _is_impure(node: torch.fx.Node) -> bool:
+    return node.is_impure() or getattr(node.target, "__module__", None) in _STATEFUL_MODULES
+
 
 def run_pass(
     pass_fn: Callable[..., PassResult],
@@ -20,14 +28,14 @@ def run_pass(
     """Run one graph pass over ``gm`` and leave the result linted and recompiled.
 
     Works in place when the pass does (every pass in this package does) and returns the pass's graph module.
-    With ``cleanup=True`` dead nodes and submodules no node calls any more are removed as well, which the
-    passes that rewrite a graph back to the captured one need.
+    With ``cleanup=True`` dead nodes are removed as well. Submodules no node names are kept on purpose: a tied
+    weight is read through one path only, and the module at the other path still holds the model's state-dict
+    key (``transformer.wte.weight`` when the graph reads ``lm_head.weight``).
     """
     result = pass_fn(gm, **options)
     out = result.graph_module
     if cleanup:
-        out.graph.eliminate_dead_code()
-        out.delete_all_unused_submodules()
+        out.graph.eliminate_dead_code(is_impure_node=_is_impure)
     out.graph.lint()
     out.recompile()
     return out

@@ -24,7 +24,9 @@ _ALIAS_OPS = {
 }
 
 
-def fold_module_calls(gm: torch.fx.GraphModule, *, paths: Collection[str]) -> PassResult:
+def fold_module_calls(
+    gm: torch.fx.GraphModule, *, paths: Collection[str], required: Collection[str] | None = None
+) -> PassResult:
     """Replace every call of a module in ``paths`` by a single ``call_module`` node (in place).
 
     A call is the run of nodes whose ``nn_module_stack`` holds one entry (one key: repeated calls of a shared
@@ -38,8 +40,11 @@ def fold_module_calls(gm: torch.fx.GraphModule, *, paths: Collection[str]) -> Pa
 
         x -> call_module[ln](x) -> y
 
-    The module must already be a submodule of ``gm`` at its path.
+    The module must already be a submodule of ``gm`` at its path. A call that is not one tensor in, one tensor
+    out raises `LNTuneTraceError` for a path in ``required`` (default: all of ``paths``) and is left as it
+    was for the others.
     """
+    required = set(paths if required is None else required)
     wanted = set(paths)
     calls: dict[str, tuple[str, list[torch.fx.Node]]] = {}
     for node in gm.graph.nodes:
@@ -48,7 +53,11 @@ def fold_module_calls(gm: torch.fx.GraphModule, *, paths: Collection[str]) -> Pa
                 calls.setdefault(key, (path, []))[1].append(node)
                 break
     for path, nodes in calls.values():
-        _fold_call(gm, path, nodes)
+        try:
+            _fold_call(gm, path, nodes)
+        except LNTuneTraceError:
+            if path in required:
+                raise
     return PassResult(gm, bool(calls))
 
 
@@ -65,16 +74,15 @@ def _fold_call(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node]) 
             if isinstance(arg.meta.get("val"), torch.Tensor):
                 inputs.append(arg)
 
-    outputs = []
+    outputs, aliases = [], []
     for node in nodes:
-        outside = [user for user in node.users if user not in members]
-        if not outside:
+        if not any(user not in members for user in node.users):
             continue
         source = _alias_source(node, members)
-        if source is not None:
-            node.replace_all_uses_with(source, delete_user_cb=lambda user: user not in members)
-        else:
+        if source is None:
             outputs.append(node)
+        else:
+            aliases.append((node, source))
 
     if len(inputs) != 1 or len(outputs) > 1:
         raise LNTuneTraceError(
@@ -83,6 +91,8 @@ def _fold_call(gm: torch.fx.GraphModule, path: str, nodes: list[torch.fx.Node]) 
             "that returns one tensor. Exclude the module from the targets, or capture with tracer='hf_fx' or "
             "tracer='fx', which keep module calls intact."
         )
+    for node, source in aliases:
+        node.replace_all_uses_with(source, delete_user_cb=lambda user: user not in members)
     if outputs:
         (output,) = outputs
         with gm.graph.inserting_before(output):

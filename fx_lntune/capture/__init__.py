@@ -32,19 +32,22 @@ def capture(
     leaves: Sequence[str],
     example_inputs: Mapping[str, torch.Tensor],
     tracer: str = "auto",
+    spare: Sequence[str] = (),
 ) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
 
-    ``model`` is not modified.
+    Every module in ``leaves`` must become a ``call_module`` node; those in ``spare`` (normalization modules no
+    adapter targets yet) do where the front-end can, so that a later adapter can target them. ``model`` is
+    not modified.
     """
     if tracer not in TRACERS:
         raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
     if tracer != "auto":
-        return _FRONTENDS[tracer](model, leaves, example_inputs), tracer
+        return _FRONTENDS[tracer](model, leaves, example_inputs, spare), tracer
     errors = []
     for name in _auto_order(model):
         try:
-            return _FRONTENDS[name](model, leaves, example_inputs), name
+            return _FRONTENDS[name](model, leaves, example_inputs, spare), name
         except LNTuneTraceError as error:
             errors.append(error)
     raise LNTuneTraceError(" | ".join(str(error) for error in errors)) from errors[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ def build_graph_module(
     graph: torch.fx.Graph,
     *,
     leaves: Iterable[str],
-    extra: Mapping[str, Any] | None = None,
+    fallback: nn.Module | None = None,
     class_name: str = "GraphModule",
 ) -> torch.fx.GraphModule:
     """A plain ``torch.fx.GraphModule`` running ``graph`` over ``shell``'s state.
@@ -44,14 +44,13 @@ def build_graph_module(
     Every parameter and buffer of ``shell`` sits at its own path (so the state dict has the model's keys, with
     persistent buffers only), and every module in ``leaves`` at its path whether or not a node calls it yet.
     Attributes a node names that ``shell`` lacks (export's higher-order submodules, lifted constants) come
-    from ``extra``.
+    from the same path in ``fallback``.
     """
-    extra = extra or {}
     root: dict[str, Any] = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            root[target] = _lookup(shell, target) if _has_path(shell, target) else extra[target]
+            root[target] = _lookup(shell if _has_path(shell, target) else fallback, target)
     gm = torch.fx.GraphModule(root, graph, class_name=class_name)
     for path in leaves:
         set_submodule(gm, path, shell.get_submodule(path))

@@ -22,10 +22,14 @@ _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default}
 
 
 def capture_export(
-    model: nn.Module, leaves: Sequence[str], example_inputs: Mapping[str, torch.Tensor]
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    spare: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
     """Capture ``model`` with ``torch.export.export(strict=False)`` and dynamic batch/sequence dimensions, then
-    fold each module in ``leaves`` (and every dropout) back into one ``call_module`` node.
+    fold each module in ``leaves`` (and every dropout) back into one ``call_module`` node. Modules in ``spare``
+    are folded where their call fits (one tensor in, one out) and left flat otherwise.
 
     The model is captured in training mode, so that dropout appears in the graph, and falls back to evaluation
     mode where training-only code cannot be captured. Works on a copy: ``model`` is left as it was.
@@ -62,12 +66,10 @@ def capture_export(
                 module.recompile()
     shell = alias_model(model)
     dropouts = [name for name, module in shell.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
-    extra = {name: getattr(unlifted, name) for name, _ in unlifted.named_children() if name != "_guards_fn"}
-    extra.update({name: value for name, value in vars(unlifted).items() if isinstance(value, torch.Tensor)})
     gm = build_graph_module(
-        shell, graph, leaves=[*leaves, *dropouts], extra=extra, class_name=type(model).__name__
+        shell, graph, leaves=[*leaves, *spare, *dropouts], fallback=unlifted, class_name=type(model).__name__
     )
-    gm = run_pass(fold_module_calls, gm, paths=[*leaves, *dropouts])
+    gm = run_pass(fold_module_calls, gm, paths=[*leaves, *spare, *dropouts], required=leaves)
     gm = run_pass(fold_dropout, gm, cleanup=True)
     gm.train(model.training)
     return gm

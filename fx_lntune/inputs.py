@@ -1,0 +1,232 @@
+"""Capture inputs: which keyword inputs a model takes, small dummy values for them, and their dynamic dims.
+
+Used by the capture front-ends when the user gives no `example_inputs`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch.export import Dim
+
+from fx_lntune.errors import LNTuneTraceError
+
+__all__ = ["default_input_names", "make_dummy_inputs", "dynamic_shapes_for"]
+
+# Inputs shaped (batch, sequence, ...): both leading dims vary from call to call. Any name starting with
+# "decoder_" is treated the same way (decoder_input_ids, decoder_attention_mask, ...).
+SEQUENCE_INPUTS = frozenset(
+    {"input_ids", "attention_mask", "token_type_ids", "position_ids", "labels", "inputs_embeds"}
+)
+
+_TOKEN_INPUTS = frozenset({"input_ids", "decoder_input_ids"})
+_MASK_INPUTS = frozenset({"attention_mask", "decoder_attention_mask"})
+# Config fields holding token ids that must not appear by chance in dummy input_ids.
+_SPECIAL_TOKEN_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "decoder_start_token_id",
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "audio_token_id",
+)
+
+
+def _hf_config(model: torch.nn.Module) -> transformers.PretrainedConfig | None:
+    config = getattr(model, "config", None)
+    return config if isinstance(config, transformers.PretrainedConfig) else None
+
+
+def default_input_names(model: torch.nn.Module) -> list[str]:
+    """The keyword inputs a user of `model`'s class passes, main input first.
+
+    For a Hugging Face model (one with a `PretrainedConfig` at `.config`) this starts from
+    `model.main_input_name` and adds what the forward signature and config call for:
+
+    - `input_ids` models: `attention_mask`; `pixel_values` when the config has a `vision_config`
+      (llava-style multimodal models); `decoder_input_ids` when `config.is_encoder_decoder`.
+    - `pixel_values` models (ViT): `pixel_values` only.
+    - `input_features` models (Whisper): `decoder_input_ids` when `config.is_encoder_decoder`; no
+      attention mask, since such features have a fixed, unpadded length.
+
+    An extra input is only added when the forward accepts it by name. For any other module it is the
+    forward's required parameters that can be passed by keyword. Reads `model` only.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    config = _hf_config(model)
+    if config is None:
+        keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [
+            name
+            for name, parameter in parameters.items()
+            if parameter.kind in keyword_kinds and parameter.default is inspect.Parameter.empty
+        ]
+
+    main_input = getattr(model, "main_input_name", "input_ids")
+    names = [main_input]
+    if main_input == "input_ids":
+        names.append("attention_mask")
+        if getattr(config, "vision_config", None) is not None:
+            names.append("pixel_values")
+    if getattr(config, "is_encoder_decoder", False):
+        names.append("decoder_input_ids")
+    return [name for name in names if name in parameters or name == main_input]
+
+
+def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    floating = [tensor.dtype for tensor in tensors if tensor.is_floating_point()]
+    return device, floating[0] if floating else torch.get_default_dtype()
+
+
+def _config_field(config: Any, field: str, input_name: str) -> Any:
+    value = getattr(config, field, None)
+    if value is None:
+        raise LNTuneTraceError(
+            f"cannot make a dummy {input_name!r}: the model's config has no {field!r}; "
+            f"pass example_inputs={{{input_name!r}: ..., ...}} with a real batch instead"
+        )
+    return value
+
+
+def _image_token(config: Any) -> int | None:
+    for field in ("image_token_id", "image_token_index"):
+        value = getattr(config, field, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _token_ids(config: Any, input_name: str, shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = _config_field(text_config, "vocab_size", input_name)
+    # Special ids are avoided: a stray eos or image token changes control flow in some models
+    # (BART's classification head counts eos tokens; llava matches image tokens to image features).
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    for source in {id(config): config, id(text_config): text_config}.values():
+        for field in _SPECIAL_TOKEN_FIELDS:
+            value = getattr(source, field, None)
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(token, int) and 0 <= token < vocab_size:
+                    allowed[token] = False
+    candidates = allowed.nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        candidates = torch.arange(vocab_size)
+    return candidates[torch.randint(candidates.numel(), shape, generator=gen)]
+
+
+def _padded_mask(batch: int, seq: int) -> torch.Tensor:
+    # The last position of row 0 is padding: with an all-ones mask a model may take a "no mask needed"
+    # shortcut at capture time (transformers drops all-ones SDPA masks outside tracing), and the graph
+    # would then ignore padding in real batches.
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -1] = 0
+    return mask
+
+
+def _image_size(vision_config: Any, input_name: str) -> tuple[int, int]:
+    size = _config_field(vision_config, "image_size", input_name)
+    if isinstance(size, Mapping):
+        return int(size["height"]), int(size["width"])
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[-1])
+    return int(size), int(size)
+
+
+def make_dummy_inputs(
+    model: torch.nn.Module, input_names: list[str], batch: int = 2, seq: int = 8
+) -> dict[str, torch.Tensor]:
+    """Small, deterministic dummy values for `input_names`, on the model's device, made from its config.
+
+    Token ids are `torch.long`, below the vocabulary size and clear of special tokens; masks are
+    `torch.long` with the last position of row 0 padded; float inputs use the model's floating dtype.
+    `pixel_values` are `(batch, num_channels, *image_size)` (of `config.vision_config` when there is one;
+    `num_channels` defaults to 3); `input_features` are `(batch, num_mel_bins, 2 * max_source_positions)`,
+    Whisper's fixed length. When `pixel_values` go with `input_ids` in a model that has an image token
+    (llava), each row starts with `config.image_seq_length` image tokens followed by `seq` text tokens.
+
+    `batch` and `seq` must be at least 2: export specializes a dimension of size 1 to a constant.
+    Raises `LNTuneTraceError` for an input it cannot make (unknown name, missing config field).
+    Reads `model` only.
+    """
+    if batch < 2 or seq < 2:
+        raise ValueError(f"batch and seq must be at least 2 for dynamic shapes, got {batch} and {seq}")
+    device, float_dtype = _device_and_dtype(model)
+    config = _hf_config(model)
+    generator = torch.Generator().manual_seed(0)
+
+    image_token = _image_token(config) if config is not None and "pixel_values" in input_names else None
+    n_image_tokens = 0
+    if image_token is not None:
+        n_image_tokens = int(_config_field(config, "image_seq_length", "input_ids"))
+    token_seq = seq + n_image_tokens
+
+    inputs: dict[str, torch.Tensor] = {}
+    for name in input_names:
+        # Encoder-side token inputs also hold the image tokens; decoder-side ones are `seq` long.
+        length = seq if name.startswith("decoder_") else token_seq
+        if name in _MASK_INPUTS:
+            value = _padded_mask(batch, length)
+        elif name == "token_type_ids":
+            value = torch.zeros(batch, length, dtype=torch.long)
+        elif name == "position_ids":
+            value = torch.arange(length).expand(batch, length).clone()
+        elif name in _TOKEN_INPUTS and config is not None:
+            value = _token_ids(config, name, (batch, length), generator)
+            if name == "input_ids" and image_token is not None:
+                value[:, :n_image_tokens] = image_token
+        elif name == "pixel_values" and config is not None:
+            vision_config = getattr(config, "vision_config", None) or config
+            channels = getattr(vision_config, "num_channels", 3)
+            height, width = _image_size(vision_config, name)
+            value = torch.randn(batch, channels, height, width, generator=generator, dtype=float_dtype)
+        elif name == "input_features" and config is not None:
+            mel_bins = _config_field(config, "num_mel_bins", name)
+            frames = 2 * _config_field(config, "max_source_positions", name)
+            value = torch.randn(batch, mel_bins, frames, generator=generator, dtype=float_dtype)
+        else:
+            raise LNTuneTraceError(
+                f"cannot make a dummy value for input {name!r} of {type(model).__name__}; "
+                f"pass example_inputs={{{name!r}: ..., ...}} with a real batch instead"
+            )
+        inputs[name] = value.to(device)
+    return inputs
+
+
+def _dims_for(name: str, value: Any) -> dict[int, Any] | None:
+    """The dynamic dims of one input: see `dynamic_shapes_for`."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.ndim == 0:
+        return {}
+    if (name in SEQUENCE_INPUTS or name.startswith("decoder_")) and value.ndim >= 2:
+        return {0: Dim.AUTO, 1: Dim.AUTO}
+    return {0: Dim.AUTO}
+
+
+def dynamic_shapes_for(inputs: Mapping[str, Any]) -> dict[str, dict[int, Any] | None]:
+    """The `dynamic_shapes` spec for `torch.export.export(model, (), inputs, dynamic_shapes=...)`.
+
+    Every dynamic dim is `Dim.AUTO`, so export finds the range and relations itself and keeps a dim
+    static (instead of failing) where the model forces it:
+
+    - `SEQUENCE_INPUTS` and names starting with `decoder_`: dims 0 (batch) and 1 (sequence), or dim 0
+      alone for a 1-D tensor (sequence-classification labels).
+    - Any other tensor, `pixel_values` and `input_features` included (their other dims are fixed by the
+      config): dim 0 only, the batch. A 0-d tensor: nothing.
+    - A value that is not a tensor (`None`, a flag): `None`, as export expects.
+
+    The spec is flat, one entry per input, so every input must be a named parameter of the forward:
+    export cannot take dynamic shapes for inputs that only reach the forward through `**kwargs`
+    (`use_cache` in a transformers 5 BERT), whether nested or not (pytorch/pytorch#150022, #164313).
+    """
+    return {name: _dims_for(name, value) for name, value in inputs.items()}

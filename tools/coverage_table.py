@@ -1,0 +1,56 @@
+"""Print the README's coverage table (architecture x front-end) from a real run in this environment.
+
+For every tiny test architecture and every front-end this transformers version offers: does it capture, does
+the tuned graph reproduce the model at another batch/sequence size, and how long the capture took.
+Run: ``python tools/coverage_table.py`` (from the repository root, with the test extra installed).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from models import ALL_ARCHITECTURES, make_inputs, make_model  # noqa: E402
+
+import fx_lntune as fl  # noqa: E402
+from fx_lntune.capture import hf_fx_available  # noqa: E402
+
+
+def check(arch: str, tracer: str) -> str:
+    model = make_model(arch)
+    start = time.perf_counter()
+    try:
+        gm = fl.lntune_transform(model, fl.LNTuningConfig(), tracer=tracer, example_inputs=make_inputs(arch))
+    except fl.LNTuneError as error:
+        reason = str(error).split(": ", 2)[-1][:70].replace("|", "/")
+        return f"no: {reason}"
+    seconds = time.perf_counter() - start
+    inputs = make_inputs(arch, batch=3, seq=5, seed=1)
+    with torch.no_grad():
+        ours, reference = gm(**inputs), model(**inputs)
+    worst = max(
+        (ours[key] - reference[key]).abs().max().item()
+        for key in ours.keys()
+        if isinstance(ours[key], torch.Tensor)
+    )
+    verdict = "yes" if worst <= 1e-5 else "MISMATCH"
+    return f"{verdict} ({len(fl.targeted_module_names(gm))} norms, err {worst:.0e}, {seconds:.1f} s)"
+
+
+def main() -> None:
+    tracers = ["export"] + (["hf_fx"] if hf_fx_available() else [])
+    version = transformers.__version__
+    print(f"| architecture | {' | '.join(f'{t} (transformers {version})' for t in tracers)} |")
+    print(f"|---|{'---|' * len(tracers)}")
+    for arch in ALL_ARCHITECTURES:
+        print(f"| {arch} | {' | '.join(check(arch, t) for t in tracers)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
