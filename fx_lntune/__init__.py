@@ -1,5 +1,15 @@
 """fx-lntune: LayerNorm tuning (arXiv 2312.11420) for Hugging Face models as a torch.fx graph rewrite."""
 
+from fx_lntune.adapters import (
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    merge_adapter,
+    merge_and_unload,
+    set_adapter,
+    unload,
+    unmerge_adapter,
+)
 from fx_lntune.api import (
     active_adapter,
     get_nb_trainable_parameters,
@@ -35,4 +45,12 @@ __all__ = [
     "print_trainable_parameters",
     "active_adapter",
     "list_adapters",
+    "add_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "merge_adapter",
+    "unmerge_adapter",
+    "merge_and_unload",
+    "unload",
 ]

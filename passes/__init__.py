@@ -3,5 +3,14 @@
 from passes.dropout import fold_dropout
 from passes.fold import fold_module_calls
 from passes.inject import inject_adapters
+from passes.merge import merge_adapters, unmerge_adapters
+from passes.unload import unload_adapters
 
-__all__ = ["fold_dropout", "fold_module_calls", "inject_adapters"]
+__all__ = [
+    "fold_dropout",
+    "fold_module_calls",
+    "inject_adapters",
+    "merge_adapters",
+    "unmerge_adapters",
+    "unload_adapters",
+]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import traceback
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -11,9 +13,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.modules import set_submodule
 
-__all__ = ["alias_model", "build_graph_module", "capture_mode"]
+__all__ = ["alias_model", "build_graph_module", "capture_mode", "trace_error"]
 
 
 def alias_model(model: nn.Module) -> nn.Module:
@@ -150,3 +153,22 @@ def _ensure_module(gm: nn.Module, path: str) -> nn.Module:
             module.add_module(part, child)
         module = child
     return module
+
+
+def trace_error(frontend: str, model: nn.Module, error: BaseException, suggestion: str) -> LNTuneTraceError:
+    """The error a front-end raises: its name, the model class, the first failing call in the model's own code
+    (the innermost frame outside torch), what went wrong, and which front-end to try instead."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith(torch_dir)]
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}()"
+        if frame.line:
+            where += f" `{frame.line.strip()[:120]}`"
+    lines = str(error).strip().splitlines()
+    first = lines[0][:300] if lines else "(no message)"
+    return LNTuneTraceError(
+        f"tracer='{frontend}' could not capture {type(model).__name__}{where}: {type(error).__name__}: {first}. "
+        f"Try {suggestion}."
+    )

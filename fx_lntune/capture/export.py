@@ -8,8 +8,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode
-from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
 from passes._runner import run_pass
 from passes.dropout import fold_dropout
@@ -46,10 +45,10 @@ def capture_export(
         except Exception as error:  # noqa: BLE001 - reported below with the front-end's name
             errors.append(error)
     else:
-        raise LNTuneTraceError(
-            f"tracer='export' could not capture {type(model).__name__}: {type(errors[-1]).__name__}: "
-            f"{_first_line(errors[-1])}. Check that example_inputs are what the model's forward takes, or try "
-            "tracer='hf_fx' (transformers < 5) or tracer='fx'."
+        raise trace_error(
+            "export", model, errors[-1],
+            "tracer='hf_fx' (transformers < 5) or tracer='fx', and check that example_inputs are what the "
+            "model's forward takes",
         ) from errors[-1]
 
     unlifted = program.module()
@@ -74,7 +73,3 @@ def capture_export(
     gm.train(model.training)
     return gm
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"

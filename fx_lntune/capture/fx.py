@@ -8,7 +8,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode
+from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.errors import LNTuneTraceError
 
 __all__ = ["capture_fx", "capture_hf_fx", "hf_fx_available"]
@@ -40,7 +40,7 @@ def capture_fx(
         try:
             graph = _LeafTracer([*leaves, *spare]).trace(model, concrete_args=concrete)
         except Exception as error:  # noqa: BLE001 - reported with the front-end's name
-            raise _trace_error("fx", model, error, "tracer='export'") from error
+            raise trace_error("fx", model, error, "tracer='export'") from error
     return _finish(model, graph, leaves, spare)
 
 
@@ -80,7 +80,7 @@ def capture_hf_fx(
             concrete = _defaults_outside(model, example_inputs)
             graph = LeafHFTracer().trace(model, concrete_args=concrete, dummy_inputs=dict(example_inputs))
         except Exception as error:  # noqa: BLE001 - reported with the front-end's name
-            raise _trace_error("hf_fx", model, error, "tracer='export'") from error
+            raise trace_error("hf_fx", model, error, "tracer='export'") from error
     return _finish(model, graph, leaves, spare)
 
 
@@ -110,11 +110,3 @@ def _defaults_outside(model: nn.Module, example_inputs: Mapping[str, torch.Tenso
             concrete[name] = parameter.default
     return concrete
 
-
-def _trace_error(frontend: str, model: nn.Module, error: BaseException, other: str) -> LNTuneTraceError:
-    text = str(error).strip().splitlines()
-    first = text[0][:300] if text else "(no message)"
-    return LNTuneTraceError(
-        f"tracer='{frontend}' could not capture {type(model).__name__}: {type(error).__name__}: {first}. "
-        f"Try {other}."
-    )

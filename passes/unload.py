@@ -1,0 +1,36 @@
+"""Unload adapters: put back a plain module wherever a dispatch module stands, leaving a plain GraphModule."""
+
+from __future__ import annotations
+
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassResult
+from tqdm import tqdm
+
+from fx_lntune.modules import set_submodule
+from fx_lntune.state import META_KEY, dispatch_modules, get_state
+from passes.inject import NODE_MARK
+
+__all__ = ["unload_adapters"]
+
+
+def unload_adapters(gm: torch.fx.GraphModule, *, progressbar: bool = False) -> PassResult:
+    """Replace every dispatch module by the module in its base slot and drop fx-lntune's state (in place).
+
+    The inverse of `inject_adapters`: the graph keeps its nodes and targets, and each path holds a plain module
+    again. The base slot holds the merged adapter's weights when one is merged (run `merge_adapters` first
+    for ``merge_and_unload``), the model's own otherwise. Before::
+
+        call_module[ln] -> ln = LNTuningDispatch(base_layer=LayerNorm, ln_tuning_layers={...})
+
+    after::
+
+        call_module[ln] -> ln = LayerNorm
+    """
+    get_state(gm)
+    modules = dispatch_modules(gm)
+    for path, module in tqdm(modules.items(), desc="unloading", disable=not progressbar):
+        set_submodule(gm, path, module.base.requires_grad_(False))
+    for node in gm.graph.nodes:
+        node.meta.pop(NODE_MARK, None)
+    del gm.meta[META_KEY]
+    return PassResult(gm, True)
