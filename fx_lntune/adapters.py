@@ -22,9 +22,10 @@ from fx_lntune.api import apply_selection, check_adapter_name
 from fx_lntune.config import LNTuningConfig, as_config, resolve_modules_to_save, resolve_targets
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError
+from fx_lntune.modules import set_submodule
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 from passes._runner import run_pass
-from passes.inject import inject_adapters
+from passes.inject import NODE_MARK, inject_adapters
 from passes.merge import merge_adapters, unmerge_adapters
 from passes.unload import unload_adapters
 
@@ -193,9 +194,6 @@ def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
 
 
 def _unwrap(gm: torch.fx.GraphModule, path: str, module: AdapterDispatch) -> None:
-    from fx_lntune.modules import set_submodule
-    from passes.inject import NODE_MARK
-
     set_submodule(gm, path, module.original())
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == path:
@@ -218,7 +216,6 @@ def _model_view(gm: torch.fx.GraphModule) -> nn.Module:
                 inner = nn.Module() if child._modules else child
                 mirror.add_module(name, inner)
                 if inner is not child:
-                    object.__setattr__(inner, "_fx_lntune_origin", child)
                     pending.append((inner, child))
     view.config = getattr(gm, "config", None)
     return view

@@ -101,9 +101,10 @@ class AdapterDispatch(nn.Module):
         self._set_route(route)
 
     def set_trainable(self, adapter_name: str | None, trainable: bool) -> None:
-        """Only ``adapter_name``'s copy requires grad, and only when ``trainable``; the base never does."""
+        """Only ``adapter_name``'s copy requires grad, and only when ``trainable``; the base never does, nor the
+        copy slot of a merged adapter (it holds the original base module then)."""
         for name, module in self.copies.items():
-            module.requires_grad_(trainable and name == adapter_name)
+            module.requires_grad_(trainable and name == adapter_name and name != self.merged_adapter)
         self.base.requires_grad_(False)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """The graph passes of fx-lntune: each a function over a GraphModule returning a ``PassResult``."""
 
+from passes.device import follow_input_device
 from passes.dropout import fold_dropout
 from passes.fold import fold_module_calls
 from passes.inject import inject_adapters
@@ -7,6 +8,7 @@ from passes.merge import merge_adapters, unmerge_adapters
 from passes.unload import unload_adapters
 
 __all__ = [
+    "follow_input_device",
     "fold_dropout",
     "fold_module_calls",
     "inject_adapters",

@@ -191,3 +191,24 @@ def test_print_trainable_parameters_line(capsys):
     assert capsys.readouterr().out.strip() == (
         f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_graph_follows_its_inputs_device_and_dtype(arch):
+    model, gm = captured(arch)
+    assert "device(type='cpu')" not in gm.code
+    gm.to("meta")
+    out = gm(**{key: value.to("meta") for key, value in make_inputs(arch, **OTHER_SHAPE).items()})
+    assert all(value.device.type == "meta" for value in _tensors(out).values())
+
+    # torch.export records the capture's dtypes (a rotary table cast "to the input's dtype" is a constant cast
+    # to float32 in a float32 capture), so a bfloat16 graph is captured from the bfloat16 model.
+    model = make_model(arch).to(torch.bfloat16)
+    inputs = make_inputs(arch, **OTHER_SHAPE)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    gm = fl.lntune_transform(model, fl.LNTuningConfig(), example_inputs=make_inputs(arch))
+    assert {p.dtype for p in gm.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        ours, reference = _first(gm(**inputs)), _first(model(**inputs, **_no_cache(model)))
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, reference, atol=5e-2, rtol=5e-2)  # bfloat16 keeps ~3 digits

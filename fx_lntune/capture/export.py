@@ -11,6 +11,7 @@ import torch.nn as nn
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
 from passes._runner import run_pass
+from passes.device import follow_input_device
 from passes.dropout import fold_dropout
 from passes.fold import fold_module_calls
 
@@ -70,6 +71,7 @@ def capture_export(
     )
     gm = run_pass(fold_module_calls, gm, paths=[*leaves, *spare, *dropouts], required=leaves)
     gm = run_pass(fold_dropout, gm, cleanup=True)
+    gm = run_pass(follow_input_device, gm)
     gm.train(model.training)
     return gm
 
