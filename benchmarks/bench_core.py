@@ -21,10 +21,22 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import fx_lntune as fl
 
-SMALL_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=8, vocab_size=1000)
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000)
+SMALL_LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=1000,
+)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
 
 
 def small_llama() -> torch.nn.Module:
@@ -62,18 +74,26 @@ def bench_train(steps: int) -> list[tuple[str, float, str]]:
         train_step(models[name], optimizers[name], peft_inputs if name != "ours" else inputs)
     vs_peft, vs_plain, times = [], [], {name: [] for name in models}
     for _ in range(steps):
-        t = {name: train_step(models[name], optimizers[name], peft_inputs if name != "ours" else inputs)
-             for name in ("ours", "peft", "plain")}
+        t = {
+            name: train_step(models[name], optimizers[name], peft_inputs if name != "ours" else inputs)
+            for name in ("ours", "peft", "plain")
+        }
         for name, value in t.items():
             times[name].append(value)
         vs_peft.append(t["ours"] / t["peft"])
         vs_plain.append(t["ours"] / t["plain"])
     ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
     return [
-        ("train step, small llama 4x128: ours / PEFT", statistics.median(vs_peft),
-         f"{ms['ours']:.1f} ms vs {ms['peft']:.1f} ms (target <= 1.00)"),
-        ("train step: ours / plain model, norms trainable", statistics.median(vs_plain),
-         f"{ms['ours']:.1f} ms vs {ms['plain']:.1f} ms (target <= 1.05)"),
+        (
+            "train step, small llama 4x128: ours / PEFT",
+            statistics.median(vs_peft),
+            f"{ms['ours']:.1f} ms vs {ms['peft']:.1f} ms (target <= 1.00)",
+        ),
+        (
+            "train step: ours / plain model, norms trainable",
+            statistics.median(vs_plain),
+            f"{ms['ours']:.1f} ms vs {ms['plain']:.1f} ms (target <= 1.05)",
+        ),
     ]
 
 
@@ -114,8 +134,10 @@ def main() -> None:
         rss = f"peak RSS {meta['rss_mb']:.0f} MB, {meta['rss_before_mb']:.0f} MB before"
         rows.append(("lntune_transform, 7B llama on meta (s)", meta["seconds"], f"{rss} (target < 10 s, < 1 GB)"))
         rows.append(("set_adapter on the 7B graph (ms)", meta["set_adapter_ms"], "median of 50 (target < 5 ms)"))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, python {platform.python_version()}"
+    )
     print("| measurement | value | detail |")
     print("|---|---|---|")
     for name, value, detail in rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -105,8 +106,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> None:
     if state.active_adapter == adapter_name:
         state.active_adapter = sorted(state.configs)[0]
         warnings.warn(
-            f"adapter {adapter_name!r} was active and is deleted; the active adapter is now "
-            f"{state.active_adapter!r}.",
+            f"adapter {adapter_name!r} was active and is deleted; the active adapter is now {state.active_adapter!r}.",
             stacklevel=2,
         )
     apply_selection(gm)
@@ -188,9 +188,7 @@ def unload(gm: torch.fx.GraphModule, progressbar: bool = False) -> torch.fx.Grap
 
 def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
     if adapter_name not in state.configs:
-        raise LNTuneAdapterError(
-            f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}."
-        )
+        raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
 
 
 def _unwrap(gm: torch.fx.GraphModule, path: str, module: AdapterDispatch) -> None:
@@ -217,7 +215,7 @@ def _model_view(gm: torch.fx.GraphModule) -> nn.Module:
                 mirror.add_module(name, inner)
                 if inner is not child:
                     pending.append((inner, child))
-    view.config = getattr(gm, "config", None)
+    view.config = getattr(gm, "config", None) or types.SimpleNamespace(model_type=get_state(gm).model_type)
     return view
 
 

@@ -79,7 +79,9 @@ def lntune_transform(
         model_class=type(model).__name__,
     )
     if hf_config is not None:
+        # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
+        gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
     apply_selection(gm)
     return gm
 
@@ -168,4 +170,3 @@ def print_trainable_parameters(gm: nn.Module) -> None:
     trainable, total = get_nb_trainable_parameters(gm)
     share = 100 * trainable / total if total else 0.0
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
-

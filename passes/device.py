@@ -61,4 +61,3 @@ def _has_device(node: torch.fx.Node) -> bool:
 
 def _swap(value, device_node: torch.fx.Node):
     return torch.fx.node.map_aggregate(value, lambda a: device_node if isinstance(a, torch.device) else a)
-

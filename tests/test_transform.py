@@ -102,8 +102,9 @@ def _first(output) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "bart", "vit"])
 def test_dropout_follows_train_and_eval(arch):
     model, gm = captured(arch)
-    dropouts = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(
-        gm.get_submodule(n.target), torch.nn.Dropout)]
+    dropouts = [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Dropout)
+    ]
     assert dropouts, "no dropout module call in the captured graph"
     inputs = make_inputs(arch, **OTHER_SHAPE)
     gm.train()
@@ -124,7 +125,8 @@ def test_hf_fx_front_end_matches_model_and_export(arch):
     with torch.no_grad():
         _assert_same_outputs(gm(**inputs), model(**inputs, **_no_cache(model)))
     assert fl.targeted_module_names(gm) == fl.targeted_module_names(exported) or sorted(
-        fl.targeted_module_names(gm)) == sorted(fl.targeted_module_names(exported))
+        fl.targeted_module_names(gm)
+    ) == sorted(fl.targeted_module_names(exported))
     assert gm.meta["fx_lntune"].tracer == "hf_fx"
 
 

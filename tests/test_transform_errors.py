@@ -23,8 +23,10 @@ class DataDependent(torch.nn.Module):
 
 
 def _snapshot(model):
-    return {name: (t.detach().clone(), getattr(t, "requires_grad", False)) for name, t in model.state_dict(
-        keep_vars=True).items()}
+    return {
+        name: (t.detach().clone(), getattr(t, "requires_grad", False))
+        for name, t in model.state_dict(keep_vars=True).items()
+    }
 
 
 def _assert_unchanged(model, snapshot):
@@ -40,8 +42,11 @@ def _assert_unchanged(model, snapshot):
         (dict(target_modules=["no_such_norm"]), fl.LNTuneConfigError, ["input_layernorm", "no_such_norm"]),
         (dict(target_modules="(unclosed"), fl.LNTuneConfigError, ["regex"]),
         (dict(target_modules=[3]), fl.LNTuneConfigError, ["target_modules"]),
-        (dict(target_modules=["input_layernorm"], exclude_modules=["input_layernorm"]), fl.LNTuneConfigError,
-         ["excluded"]),
+        (
+            dict(target_modules=["input_layernorm"], exclude_modules=["input_layernorm"]),
+            fl.LNTuneConfigError,
+            ["excluded"],
+        ),
     ],
 )
 def test_bad_config_is_refused_and_model_unchanged(config, error, words):
@@ -76,7 +81,7 @@ def test_uncapturable_model_names_front_end_class_and_failing_call(tracer):
     message = str(caught.value)
     assert "DataDependent" in message and "in forward()" in message and "x.sum() > 0" in message
     assert "Try tracer=" in message
-    for name in (["fx", "export"] if tracer == "auto" else [tracer]):
+    for name in ["fx", "export"] if tracer == "auto" else [tracer]:
         assert f"tracer='{name}'" in message
     _assert_unchanged(model, snapshot)
     assert model.training
@@ -99,5 +104,6 @@ def test_example_inputs_must_be_keyword_dict():
 @pytest.mark.parametrize("name", ["", "a.b", "a/b", "..", 3])
 def test_bad_adapter_name_at_transform(name):
     with pytest.raises(fl.LNTuneAdapterError):
-        fl.lntune_transform(make_model("bert"), fl.LNTuningConfig(), adapter_name=name,
-                            example_inputs=make_inputs("bert"))
+        fl.lntune_transform(
+            make_model("bert"), fl.LNTuningConfig(), adapter_name=name, example_inputs=make_inputs("bert")
+        )

@@ -38,9 +38,7 @@ def check(arch: str, tracer: str) -> str:
     except RuntimeError as error:
         return f"captures, but not at batch 3 / length 5: {str(error).splitlines()[0][:60]}"
     worst = max(
-        (ours[key] - reference[key]).abs().max().item()
-        for key in ours.keys()
-        if isinstance(ours[key], torch.Tensor)
+        (ours[key] - reference[key]).abs().max().item() for key in ours.keys() if isinstance(ours[key], torch.Tensor)
     )
     verdict = "yes" if worst <= 1e-5 else "MISMATCH"
     return f"{verdict} ({len(fl.targeted_module_names(gm))} norms, err {worst:.0e}, {seconds:.1f} s)"

@@ -50,11 +50,21 @@ def build_graph_module(
     from the same path in ``fallback``.
     """
     root: dict[str, Any] = {}
+    constants: list[str] = []
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module"):
             target = str(node.target)
-            root[target] = _lookup(shell if _has_path(shell, target) else fallback, target)
+            own = _has_path(shell, target)
+            root[target] = _lookup(shell if own else fallback, target)
+            if not own and isinstance(root[target], torch.Tensor):
+                constants.append(target)
     gm = torch.fx.GraphModule(root, graph, class_name=class_name)
+    for target in constants:
+        # A tensor the model made in forward (export lifts it): it moves with the graph but is no state.
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        if name in owner._buffers:
+            owner._non_persistent_buffers_set.add(name)
     for path in leaves:
         set_submodule(gm, path, shell.get_submodule(path))
     for owner_path, owner in shell.named_modules(remove_duplicate=False):
@@ -101,9 +111,7 @@ def capture_mode(model: nn.Module, *, training: bool) -> Iterator[None]:
     """
     modes = [(module, module.training) for module in model.modules()]
     caches = [
-        (config, config.use_cache)
-        for config in _configs(model)
-        if isinstance(getattr(config, "use_cache", None), bool)
+        (config, config.use_cache) for config in _configs(model) if isinstance(getattr(config, "use_cache", None), bool)
     ]
     try:
         model.train(training)

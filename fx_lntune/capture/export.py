@@ -39,7 +39,10 @@ def capture_export(
         try:
             with capture_mode(model, training=training):
                 program = torch.export.export(
-                    model, (), dict(example_inputs), strict=False,
+                    model,
+                    (),
+                    dict(example_inputs),
+                    strict=False,
                     dynamic_shapes=dynamic_shapes_for(example_inputs),
                 )
             break
@@ -47,7 +50,9 @@ def capture_export(
             errors.append(error)
     else:
         raise trace_error(
-            "export", model, errors[-1],
+            "export",
+            model,
+            errors[-1],
             "tracer='hf_fx' (transformers < 5) or tracer='fx', and check that example_inputs are what the "
             "model's forward takes",
         ) from errors[-1]
@@ -74,4 +79,3 @@ def capture_export(
     gm = run_pass(follow_input_device, gm)
     gm.train(model.training)
     return gm
-

@@ -109,4 +109,3 @@ def _defaults_outside(model: nn.Module, example_inputs: Mapping[str, torch.Tenso
         if parameter.default is not parameter.empty:
             concrete[name] = parameter.default
     return concrete
-
