@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from fx_lntune.api import apply_selection, check_adapter_name
 from fx_lntune.config import LNTuningConfig, as_config, resolve_modules_to_save, resolve_targets
-from fx_lntune.dispatch import AdapterDispatch
+from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError
 from fx_lntune.modules import set_submodule
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
@@ -39,6 +39,7 @@ __all__ = [
     "unmerge_adapter",
     "merge_and_unload",
     "unload",
+    "resolve_adapter_modules",
 ]
 
 
@@ -52,6 +53,22 @@ def add_adapter(gm: torch.fx.GraphModule, adapter_name: str, config: LNTuningCon
     state = get_state(gm)
     check_adapter_name(adapter_name, existing=list(state.configs))
     config = as_config(config) if config is not None else copy.deepcopy(state.configs[state.active_adapter])
+    targets, saved = resolve_adapter_modules(gm, config)
+    run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
+    state.configs[adapter_name] = config
+    apply_selection(gm)
+
+
+def resolve_adapter_modules(gm: torch.fx.GraphModule, config: LNTuningConfig) -> tuple[list[str], list[str]]:
+    """The paths of the modules a new adapter with ``config`` would tune and save in ``gm``; ``gm`` is unchanged.
+
+    Everything `add_adapter` needs is checked here, before anything is injected, so that a refused config leaves the
+    graph as it was.
+
+    Raises:
+        LNTuneConfigError: the config matches nothing, names a module the capture did not keep as a graph leaf, or
+            makes a module both tuned and saved across adapters.
+    """
     view = _model_view(gm)
     targets = resolve_targets(view, config)
     saved = resolve_modules_to_save(view, config)
@@ -59,13 +76,19 @@ def add_adapter(gm: torch.fx.GraphModule, adapter_name: str, config: LNTuningCon
     missing = [path for path in [*targets, *saved] if path not in leaves]
     if missing:
         raise LNTuneConfigError(
-            f"adapter {adapter_name!r} targets {missing[:5]}, which the capture did not keep as graph leaves "
-            "(it keeps every normalization module and the first adapter's targets); capture again with "
-            "lntune_transform and a first config that names them."
+            f"the config targets {missing[:5]}, which the capture did not keep as graph leaves (it keeps every "
+            "normalization module and the first adapter's targets); capture again with lntune_transform and a "
+            "first config that names them."
         )
-    run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
-    state.configs[adapter_name] = config
-    apply_selection(gm)
+    for paths, kind in [(targets, LNTuningDispatch), (saved, ModulesToSaveDispatch)]:
+        for path in paths:
+            module = gm.get_submodule(path)
+            if isinstance(module, AdapterDispatch) and not isinstance(module, kind):
+                raise LNTuneConfigError(
+                    f"module '{path}' is a {type(module).__name__} for another adapter and cannot also be a "
+                    f"{kind.__name__}; keep it in either target_modules or modules_to_save for every adapter."
+                )
+    return targets, saved
 
 
 def set_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> None:
