@@ -28,6 +28,7 @@ from fx_lntune.errors import (
     LNTuneStateError,
     LNTuneTraceError,
 )
+from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 
 __all__ = [
     "LNTuningConfig",
@@ -53,4 +54,7 @@ __all__ = [
     "unmerge_adapter",
     "merge_and_unload",
     "unload",
+    "save_adapter",
+    "load_adapter",
+    "apply_to_model",
 ]

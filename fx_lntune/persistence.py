@@ -1,0 +1,412 @@
+"""Adapter files in PEFT's LN-tuning format (safetensors + ``adapter_config.json``), and tuned weights written back
+into the Hugging Face model.
+
+The format is PEFT's, so files go both ways between fx-lntune and ``peft.PeftModel``:
+
+- ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``): for a tuned module at path ``P``, its state-dict
+  entries as ``base_model.model.P.ln_tuning_layers.<key>``; for a ``modules_to_save`` module at ``P``, as
+  ``base_model.model.P.<key>``. The adapter name is in no key, so a file loads under any name.
+- ``adapter_config.json``: PEFT's ``LNTuningConfig`` fields (``json.dumps(indent=2, sort_keys=True)``, as PEFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modules
+from fx_lntune.api import check_adapter_name
+from fx_lntune.config import DEFAULT_TARGET_MODULES, LNTuningConfig
+from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
+from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
+from fx_lntune.state import LNTuneState, dispatch_modules, get_state
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "apply_to_model"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT's keys start with the PeftModel's path to the model; ln_tuning_layers is PEFT's slot for tuned copies.
+_KEY_PREFIX = "base_model.model."
+_TUNED_SLOT = "ln_tuning_layers"
+_METADATA = {"format": "pt"}
+_PICKLE_NAME = "adapter_model.bin"
+_SHOWN_KEYS = 3
+_SAFETENSORS_ERRORS = (safetensors.SafetensorError, OSError, ValueError, RuntimeError, TypeError)
+
+
+def save_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write adapter ``adapter_name`` (default: the active one) to ``directory`` as PEFT does for LN tuning.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (creating ``directory`` if needed) with PEFT's
+    keys, the adapter's own dtypes and values, so ``peft.PeftModel.from_pretrained(base_model, directory)`` and
+    `load_adapter` both load it. Unlike PEFT, the files go into ``directory`` itself whatever the adapter's name.
+
+    - A merged adapter is saved with its own (tuned) weights, not the base weights its copy slot holds while merged.
+    - ``target_modules=None`` is written resolved: PEFT's default list for the model type, or the adapter's module
+      paths for a model type PEFT has no default for (PEFT would refuse ``null`` there).
+    - ``inference_mode`` is the config's own value (PEFT writes ``true`` and ignores it on load), so the config
+      round-trips through the file; ``auto_mapping`` is PEFT's when the model is a ``transformers`` class.
+
+    Atomic: both files are written to temporary files in ``directory`` and then renamed over the old ones; on any
+    failure the previous files are put back and no temporary file is left. ``gm`` is not changed.
+
+    Raises:
+        LNTuneAdapterError: no adapter ``adapter_name``.
+        LNTuneStateError: ``directory`` is an existing file.
+    """
+    state = get_state(gm)
+    adapter_name = state.active_adapter if adapter_name is None else adapter_name
+    _check_exists(state, adapter_name)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LNTuneStateError(f"{directory} is a file; save_adapter writes two files into a directory: pass one.")
+    tensors = {key: _detached_copy(value) for key, value in _adapter_tensors(gm, adapter_name)}
+    text = json.dumps(_peft_config_dict(gm, state, adapter_name), indent=2, sort_keys=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(
+        directory,
+        {
+            WEIGHTS_NAME: lambda path: safetensors.torch.save_file(tensors, str(path), metadata=_METADATA),
+            CONFIG_NAME: lambda path: path.write_text(text, encoding="utf-8"),
+        },
+    )
+
+
+def load_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Add the adapter saved in ``directory`` (by `save_adapter` or ``PeftModel.save_pretrained``) as ``adapter_name``.
+
+    In place. The adapter's config is rebuilt from ``adapter_config.json`` (`LNTuningConfig.from_dict`), the adapter
+    is added with it (`add_adapter`: the active adapter does not change; call `set_adapter` to use it), and its
+    copies get the file's weights, ``modules_to_save`` included. Floating-point tensors are cast to the dtype (and
+    device) of the graph tensor they load into, as PEFT does; any other dtype must match exactly. Only safetensors
+    is read, never a pickle (``adapter_model.bin``).
+
+    Everything is checked before the graph is touched; on any error the graph (adapters, code, state dict,
+    outputs) is unchanged.
+
+    Raises:
+        LNTuneAdapterError: ``adapter_name`` is invalid or exists already.
+        LNTuneStateError: a file is missing, corrupt or truncated; the safetensors header is inconsistent; the
+            config is not LN tuning, has unknown fields or targets nothing here (another architecture); the weights
+            have keys this graph has no place for, lack keys, or have wrong shapes or dtypes. The message names the
+            file and the key.
+    """
+    state = get_state(gm)
+    check_adapter_name(adapter_name, existing=list(state.configs))
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LNTuneStateError(
+            f"adapter directory {directory} does not exist; pass the directory save_adapter or "
+            "PeftModel.save_pretrained wrote (a non-default PEFT adapter is in a subdirectory named after it)."
+        )
+    config = _read_config(directory / CONFIG_NAME)
+    tensors = _read_weights(directory / WEIGHTS_NAME)
+    try:
+        targets, saved = resolve_adapter_modules(gm, config)
+    except LNTuneConfigError as exc:
+        raise LNTuneStateError(
+            f"{directory / CONFIG_NAME} does not fit this graph: {exc} Was the adapter saved from another architecture?"
+        ) from exc
+    _check_weights(directory / WEIGHTS_NAME, tensors, _expected_tensors(gm, targets, saved))
+    add_adapter(gm, adapter_name, config)
+    try:
+        for path, module, holder in _adapter_holders(gm, adapter_name):
+            prefix = _file_prefix(path, module)
+            holder.load_state_dict({key: tensors[prefix + key] for key in holder.state_dict()}, strict=True)
+    except BaseException:
+        delete_adapter(gm, adapter_name)  # not the active adapter: no warning, the graph is as before
+        raise
+
+
+def apply_to_model(gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str | None = None) -> None:
+    """Write adapter ``adapter_name``'s weights (default: the active adapter) into ``model``, in place.
+
+    Every tuned module and every ``modules_to_save`` module of ``model`` gets the adapter's values, in the model's
+    own dtype and on its own device, so ``model.save_pretrained(...)`` then writes an ordinary checkpoint that
+    ``from_pretrained`` loads with the tuned behaviour. The model's module gets new tensors (same dtype, device and
+    ``requires_grad``; every tied alias in ``model`` is re-pointed too) rather than being overwritten, because the
+    graph shares its base weights' storage with the model it was captured from: ``gm`` keeps its base weights and
+    is not changed. A merged adapter gives its own weights.
+
+    Raises:
+        LNTuneAdapterError: no adapter ``adapter_name``.
+        LNTuneStateError: ``model`` lacks a module the adapter tunes, or the module's weights differ in names,
+            shapes or kind of dtype, are on the meta device, or are tied in ``model`` but tuned apart. Checked
+            before anything is written: on error ``model`` is unchanged.
+    """
+    state = get_state(gm)
+    adapter_name = state.active_adapter if adapter_name is None else adapter_name
+    _check_exists(state, adapter_name)
+    if not isinstance(model, nn.Module):
+        raise LNTuneStateError(f"apply_to_model writes into a torch.nn.Module, got {type(model).__name__}.")
+    writes = _planned_writes(gm, model, adapter_name)
+    slots = _tensor_slots(model)
+    with torch.no_grad():
+        for old, source in writes.values():
+            new = source.to(device=old.device, dtype=old.dtype, copy=True)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+            for table, name in slots[id(old)]:
+                table[name] = new
+
+
+def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
+    if adapter_name not in state.configs:
+        raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
+
+
+def _file_prefix(path: str, module: AdapterDispatch) -> str:
+    slot = f".{_TUNED_SLOT}." if isinstance(module, LNTuningDispatch) else "."
+    return f"{_KEY_PREFIX}{path}{slot}"
+
+
+def _adapter_holders(gm: torch.fx.GraphModule, adapter_name: str) -> Iterator[tuple[str, AdapterDispatch, nn.Module]]:
+    """``(path, dispatch module, module holding the adapter's weights)`` for each module the adapter has a copy of.
+
+    LN tuning merges by swapping modules, so a merged adapter's weights are in the base slot.
+    """
+    for path, module in dispatch_modules(gm).items():
+        if module.merged_adapter == adapter_name:
+            yield path, module, module.base
+        elif adapter_name in module.copies:
+            yield path, module, module.copies[adapter_name]
+
+
+def _adapter_tensors(gm: torch.fx.GraphModule, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for path, module, holder in _adapter_holders(gm, adapter_name):
+        for key, value in holder.state_dict().items():
+            yield _file_prefix(path, module) + key, value
+
+
+def _detached_copy(tensor: torch.Tensor) -> torch.Tensor:
+    # A copy on the CPU: safetensors refuses tensors that share storage, and needs them contiguous.
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _peft_config_dict(gm: torch.fx.GraphModule, state: LNTuneState, adapter_name: str) -> dict[str, Any]:
+    config = state.configs[adapter_name]
+    if config.target_modules is None:
+        default = DEFAULT_TARGET_MODULES.get(state.model_type) if state.model_type else None
+        paths = [path for path, module in dispatch_modules(gm).items() if isinstance(module, LNTuningDispatch)]
+        tuned = [path for path in paths if adapter_name in gm.get_submodule(path).copies]
+        config = dataclasses.replace(config, target_modules=list(default) if default is not None else tuned)
+    data = config.to_peft_dict(state.base_model_name_or_path)
+    data["auto_mapping"] = _auto_mapping(state.model_class) if config.task_type is None else None
+    return data
+
+
+def _auto_mapping(model_class: str | None) -> dict[str, str] | None:
+    """PEFT's ``auto_mapping`` (how ``AutoPeftModel`` finds the model class) when it is a ``transformers`` class."""
+    transformers = sys.modules.get("transformers")
+    found = getattr(transformers, model_class, None) if transformers is not None and model_class else None
+    if not isinstance(found, type):
+        return None
+    return {"base_model_class": found.__name__, "parent_library": found.__module__}
+
+
+def _write_atomically(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write each file to a temporary name in ``directory``, then rename it over the old one.
+
+    On any failure, files already renamed are put back as they were and no temporary file is left.
+    """
+    staged: dict[str, Path] = {}
+    backups: dict[str, Path] = {}
+    replaced: list[str] = []
+    try:
+        for name, write in writers.items():
+            staged[name] = _temporary_name(directory, name)
+            write(staged[name])
+            with open(staged[name], "rb") as file:
+                os.fsync(file.fileno())
+        for name, path in staged.items():
+            target = directory / name
+            if target.exists():
+                backups[name] = _temporary_name(directory, name)
+                _keep_copy(target, backups[name])
+            os.replace(path, target)
+            replaced.append(name)
+    except BaseException:
+        for name in reversed(replaced):
+            if name in backups:
+                os.replace(backups.pop(name), directory / name)
+            else:
+                (directory / name).unlink(missing_ok=True)
+        raise
+    finally:
+        for path in [*staged.values(), *backups.values()]:
+            path.unlink(missing_ok=True)
+
+
+def _temporary_name(directory: Path, name: str) -> Path:
+    return directory / f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def _keep_copy(source: Path, backup: Path) -> None:
+    # A hard link keeps the old file in place (readers never see it missing) at no cost.
+    try:
+        os.link(source, backup)
+    except OSError:
+        shutil.copy2(source, backup)
+
+
+def _read_config(path: Path) -> LNTuningConfig:
+    if not path.is_file():
+        raise LNTuneStateError(
+            f"{path} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, as save_adapter "
+            "and PeftModel.save_pretrained write them."
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LNTuneStateError(
+            f"{path} is not readable JSON ({exc}); it is corrupt or truncated: save the adapter again."
+        ) from exc
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise LNTuneStateError(
+            f"{path} is not a PEFT adapter config: expected a JSON object with a 'peft_type' key (LN_TUNING)."
+        )
+    try:
+        return LNTuningConfig.from_dict(data)
+    except LNTuneConfigError as exc:
+        raise LNTuneStateError(f"{path}: {exc}") from exc
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        pickle = path.with_name(_PICKLE_NAME)
+        hint = (
+            f" {pickle.name} is there, but fx-lntune never unpickles (it can run code): save the adapter again with "
+            "PeftModel.save_pretrained(..., safe_serialization=True)."
+            if pickle.exists()
+            else ""
+        )
+        raise LNTuneStateError(f"{path} is missing.{hint}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except _SAFETENSORS_ERRORS as exc:
+        raise LNTuneStateError(
+            f"{path} is not a valid safetensors file ({exc}): it is corrupt or truncated, or its header does not "
+            "match its data. Save the adapter again."
+        ) from exc
+    layout = metadata.get("format", "pt")
+    if layout != "pt":
+        raise LNTuneStateError(
+            f"{path} says format {layout!r}: its tensors are laid out for another framework, not PyTorch ('pt'). "
+            "Convert it with that framework's PEFT/transformers tools first."
+        )
+    return tensors
+
+
+def _expected_tensors(gm: torch.fx.GraphModule, targets: list[str], saved: list[str]) -> dict[str, torch.Tensor]:
+    """The file key and a reference tensor (shape, dtype) for each tensor an adapter on these modules holds."""
+    expected: dict[str, torch.Tensor] = {}
+    for paths, slot in [(targets, f".{_TUNED_SLOT}."), (saved, ".")]:
+        for path in paths:
+            module = gm.get_submodule(path)
+            original = module.original() if isinstance(module, AdapterDispatch) else module
+            for key, value in original.state_dict().items():
+                expected[f"{_KEY_PREFIX}{path}{slot}{key}"] = value
+    return expected
+
+
+def _check_weights(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise LNTuneStateError(
+            f"{path} holds {len(unknown)} tensor(s) this graph has no place for, e.g. {_shown(unknown)}: the "
+            f"adapter was saved from another model or architecture, or {CONFIG_NAME} does not match the weights."
+        )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise LNTuneStateError(
+            f"{path} lacks {len(missing)} tensor(s) that {CONFIG_NAME} targets in this graph, e.g. "
+            f"{_shown(missing)}: the file is incomplete or from another model."
+        )
+    for key, tensor in tensors.items():
+        reference = expected[key]
+        if tensor.shape != reference.shape:
+            raise LNTuneStateError(
+                f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but this graph needs "
+                f"{tuple(reference.shape)}: the adapter was saved from a model of other sizes."
+            )
+        if tensor.dtype != reference.dtype and not (tensor.is_floating_point() and reference.is_floating_point()):
+            raise LNTuneStateError(
+                f"{path}: tensor {key!r} is {tensor.dtype} but this graph needs {reference.dtype}; only floating-"
+                "point tensors are cast to the graph's dtype (as PEFT does). The file is from another model."
+            )
+
+
+def _shown(keys: list[str]) -> str:
+    more = f" (and {len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
+    return f"{keys[:_SHOWN_KEYS]}{more}"
+
+
+def _planned_writes(
+    gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{id(model tensor): (model tensor, adapter value)}``, every check done before anything is written."""
+    writes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    where: dict[int, str] = {}
+    for path, _, holder in _adapter_holders(gm, adapter_name):
+        try:
+            target = model.get_submodule(path)
+        except AttributeError:
+            raise LNTuneStateError(
+                f"{type(model).__name__} has no module {path!r}, which adapter {adapter_name!r} tunes: pass the "
+                "model the graph was captured from (or one of the same architecture and sizes)."
+            ) from None
+        ours, theirs = holder.state_dict(keep_vars=True), target.state_dict(keep_vars=True)
+        if ours.keys() != theirs.keys():
+            raise LNTuneStateError(
+                f"module {path!r} of {type(model).__name__} holds {sorted(theirs)} but the adapter's copy holds "
+                f"{sorted(ours)}: the model is of another architecture."
+            )
+        for key, value in ours.items():
+            old = theirs[key]
+            name = f"{path}.{key}"
+            if old.shape != value.shape:
+                raise LNTuneStateError(
+                    f"{name} has shape {tuple(old.shape)} in the model but {tuple(value.shape)} in adapter "
+                    f"{adapter_name!r}: the model has other sizes than the one the graph was captured from."
+                )
+            if old.dtype != value.dtype and not (old.is_floating_point() and value.is_floating_point()):
+                raise LNTuneStateError(f"{name} is {old.dtype} in the model but {value.dtype} in the adapter.")
+            if old.is_meta:
+                raise LNTuneStateError(
+                    f"{name} is on the meta device (offloaded or not loaded); load the model's weights first."
+                )
+            if id(old) in writes and not torch.equal(writes[id(old)][1], value.detach()):
+                raise LNTuneStateError(
+                    f"{name} and {where[id(old)]} are one tied tensor in the model, but adapter {adapter_name!r} "
+                    "tuned them to different values; untie them in the model first."
+                )
+            writes[id(old)] = (old, value.detach())
+            where.setdefault(id(old), name)
+    return writes
+
+
+def _tensor_slots(model: nn.Module) -> dict[int, list[tuple[dict, str]]]:
+    """``{id(tensor): [(the _parameters or _buffers dict holding it, its name there), ...]}`` over ``model``: a
+    tied tensor has several slots."""
+    slots: dict[int, list[tuple[dict, str]]] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    slots.setdefault(id(tensor), []).append((table, name))
+    return slots
