@@ -85,7 +85,13 @@ def save_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter
     )
 
 
-def load_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+def load_adapter(
+    gm: torch.fx.GraphModule,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool | None = None,
+) -> None:
     """Add the adapter saved in ``directory`` (by `save_adapter` or ``PeftModel.save_pretrained``) as ``adapter_name``.
 
     In place. The adapter's config is rebuilt from ``adapter_config.json`` (`LNTuningConfig.from_dict`), the adapter
@@ -93,6 +99,9 @@ def load_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter
     copies get the file's weights, ``modules_to_save`` included. Floating-point tensors are cast to the dtype (and
     device) of the graph tensor they load into, as PEFT does; any other dtype must match exactly. Only safetensors
     is read, never a pickle (``adapter_model.bin``).
+
+    ``is_trainable`` overrides the file's ``inference_mode`` (PEFT always writes ``true``): ``True`` loads an
+    adapter to train further, ``False`` a frozen one; ``None`` keeps what the file says.
 
     Everything is checked before the graph is touched; on any error the graph (adapters, code, state dict,
     outputs) is unchanged.
@@ -113,6 +122,8 @@ def load_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter
             "PeftModel.save_pretrained wrote (a non-default PEFT adapter is in a subdirectory named after it)."
         )
     config = _read_config(directory / CONFIG_NAME)
+    if is_trainable is not None:
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
     tensors = _read_weights(directory / WEIGHTS_NAME)
     try:
         targets, saved = resolve_adapter_modules(gm, config)

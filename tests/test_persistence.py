@@ -87,6 +87,18 @@ def test_peft_adapter_loads_here(arch, tmp_path):
     assert set(loaded.target_modules) == reference.peft_config["default"].target_modules
 
 
+@pytest.mark.parametrize(("is_trainable", "trains"), [(None, False), (True, True), (False, False)])
+def test_is_trainable_overrides_the_files_inference_mode(is_trainable, trains, tmp_path):
+    """PEFT writes inference_mode=true; as in PEFT's load_adapter, is_trainable=True loads it to train further."""
+    model, gm = captured("llama")
+    _peft_model(model, seed=2, targets=fl.targeted_module_names(gm)).save_pretrained(tmp_path)
+    fl.load_adapter(gm, tmp_path, "peft", is_trainable=is_trainable)
+    fl.set_adapter(gm, "peft")
+    trainable = {name for name, p in gm.named_parameters() if p.requires_grad}
+    assert get_state(gm).configs["peft"].inference_mode is not trains
+    assert bool(trainable) is trains and all(".ln_tuning_layers.peft." in name for name in trainable)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_files_equal_peft_files(arch, tmp_path):
     model, gm = _perturbed(arch, seed=3)
