@@ -454,7 +454,7 @@ def visualize_graph(
     files.append(write_dot(graph, output))
     if before is not None:
         changed = sum(data.get("diff") == "changed" for _, data in graph.nodes(data=True))
-        notes.append(f"diff: {changed} changed node(s) drawn in red")
+        notes.append(f"diff: {changed} of the drawn nodes changed (drawn red)")
     return VisualizeResult(graph=graph, files=files, renderer=renderer, summary=summary, notes=notes)
 
 
@@ -522,8 +522,9 @@ def _node_data(gm: torch.fx.GraphModule, node: torch.fx.Node, propagated: Any) -
     if node.op == "call_module":
         path = str(node.target)
         module = gm.get_submodule(path)
-        if not stack or stack[-1][0] != path:
-            stack.append((path, type(module).__name__))
+        if stack and stack[-1][0] == path:  # fx tracers record the leaf itself, with the class it had then
+            stack.pop()
+        stack.append((path, type(module).__name__))
     elif node.op == "get_attr":
         path = str(node.target).rpartition(".")[0]
         if not stack and path:
@@ -631,8 +632,10 @@ def _appearance(name: str, data: Mapping[str, Any]) -> dict[str, str]:
             module_type = f"{module_type}({data['base_type']})"
         elif data["adapter_dispatch"]:
             count = data["dispatch_nodes"]
-            module_type = f"{module_type}, {count} adapter-dispatch node{'s' if count != 1 else ''} inside"
-        lines = [data["target"], f"{module_type} [{data['nodes']} node{'s' if data['nodes'] != 1 else ''}]"]
+            inside = f"{count} adapter-dispatch node{'s' if count != 1 else ''} inside"
+            module_type = f"{module_type}, {inside}" if module_type else inside
+        size = f"[{data['nodes']} node{'s' if data['nodes'] != 1 else ''}]"
+        lines = [data["target"], f"{module_type} {size}" if module_type else size]
     elif op in ("placeholder", "output"):
         lines = [name]
     else:
