@@ -214,9 +214,9 @@ def to_pydot(graph: nx.DiGraph) -> pydot.Dot:
     """A ``pydot.Dot`` of ``graph`` (from any function above) through ``networkx.nx_pydot.to_pydot``, with labels
     and colours: adapter-dispatch nodes orange, nodes a diff marks ``changed`` red, groups as 3-D boxes. Each
     node keeps its data (``op``, ``target``, ``module_path``, ...) as DOT attributes."""
-    display = nx.DiGraph()
+    display = nx.DiGraph(name="fx-lntune graph")  # the SVG's title
     display.graph["graph"] = {"rankdir": "TB", "fontname": "Helvetica", "nodesep": "0.25", "ranksep": "0.35"}
-    display.graph["node"] = {"fontname": "Helvetica", "fontsize": "10", "style": "filled", "margin": "0.08,0.04"}
+    display.graph["node"] = {"fontname": "Helvetica", "fontsize": "10", "style": "filled", "margin": "0.15,0.05"}
     display.graph["edge"] = {"color": "#868e96", "arrowsize": "0.6"}
     if graph.number_of_nodes() > _LARGE_GRAPH:
         # dot's network-simplex passes dominate on big graphs (40 s for 300 nodes); bounded, it takes seconds.
