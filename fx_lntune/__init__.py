@@ -29,6 +29,7 @@ from fx_lntune.errors import (
     LNTuneTraceError,
 )
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
+from fx_lntune.visualize import visualize_graph
 
 __all__ = [
     "LNTuningConfig",
@@ -57,4 +58,5 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "apply_to_model",
+    "visualize_graph",
 ]

