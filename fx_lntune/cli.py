@@ -1,4 +1,4 @@
-"""The ``fx-lntune`` command line: see what LN tuning would target in a model directory, and draw the tuned graph.
+"""The ``fx-lntune`` command line: what LN tuning would target, the tuned graph drawn, an adapter merged.
 
 Each subcommand is one ``_add_<name>(commands)`` function that declares its arguments and sets ``run`` to the
 function doing the work; `build_parser` lists them. Errors are one line on stderr and a non-zero exit code.
@@ -7,12 +7,14 @@ function doing the work; `build_parser` lists them. Errors are one line on stder
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.fx
 import torch.nn as nn
 import transformers
 
@@ -20,6 +22,7 @@ import fx_lntune as fl
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
+from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from fx_lntune.visualize import DOT_FORMATS, PICTURE_FORMATS, find_module_paths, visualize_graph
 
 __all__ = ["main", "build_parser"]
@@ -54,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LayerNorm tuning (LN tuning) of Hugging Face models as a torch.fx graph rewrite.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_visualize):
+    for add in (_add_inspect, _add_visualize, _add_merge):
         add(commands)
     return parser
 
@@ -158,7 +161,78 @@ def _run_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "merge",
+        help="write a standard Hugging Face checkpoint with an adapter's weights in it",
+        description="Load the model in MODEL_DIR, load the LN-tuning adapter in ADAPTER_DIR (ours or PEFT's) and "
+        "write the tuned model to OUT_DIR with save_pretrained, with the model directory's other files "
+        "(tokenizer, ...) copied beside it: an ordinary checkpoint that from_pretrained loads, no fx-lntune or "
+        "PEFT needed. OUT_DIR must not exist yet or be empty.",
+        epilog="example: fx-lntune merge MODEL_DIR ADAPTER_DIR merged/",
+    )
+    _add_model_argument(parser)
+    _add_adapter_argument(parser)
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="where the checkpoint is written")
+    parser.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
+        raise LNTuneConfigError(f"output '{args.out_dir}' exists and is not an empty folder; choose a new one.")
+    model, gm, _ = _tuned_graph(args.model_dir, args.adapter_dir)
+    fl.apply_to_model(gm, model, ADAPTER)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out_dir)
+    copied = [path.name for path in _companion_files(args.model_dir, args.out_dir)]
+    for name in copied:
+        shutil.copy2(args.model_dir / name, args.out_dir / name)
+    print(f"merged adapter {args.adapter_dir} into {type(model).__name__} from {args.model_dir}")
+    print(f"wrote {args.out_dir} (save_pretrained{', plus ' + ', '.join(copied) if copied else ''})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ shared parts
+
+# The name the CLI gives the adapter it loads from ADAPTER_DIR.
+ADAPTER = "loaded"
+
+
+def _add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "adapter_dir",
+        type=Path,
+        metavar="ADAPTER_DIR",
+        help=f"an LN-tuning adapter directory ({CONFIG_NAME} + {WEIGHTS_NAME}), written by fx-lntune or PEFT",
+    )
+
+
+def _tuned_graph(model_dir: Path, adapter_dir: Path) -> tuple[nn.Module, torch.fx.GraphModule, dict]:
+    """(model, tuned graph with the adapter of ``adapter_dir`` loaded and active, the dummy inputs it was captured
+    with). The graph is captured with the adapter's own config, so that every module it tunes is a graph leaf."""
+    config = read_adapter_config(adapter_dir)  # a clear error before the model is loaded
+    model = _load_model(model_dir, weights=True)
+    inputs = make_dummy_inputs(model, default_input_names(model))
+    gm = fl.lntune_transform(model, config, adapter_name="capture", example_inputs=inputs)
+    fl.load_adapter(gm, adapter_dir, ADAPTER)
+    fl.set_adapter(gm, ADAPTER)
+    return model, gm, inputs
+
+
+def _companion_files(model_dir: Path, out_dir: Path) -> list[Path]:
+    """The files of a model directory that save_pretrained does not write (tokenizer, README, ...): not weights,
+    not configs it writes itself, not already in ``out_dir``."""
+    weights = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+    written = {"config.json", "generation_config.json"}
+    return sorted(
+        path
+        for path in model_dir.iterdir()
+        if path.is_file()
+        and not path.name.endswith(weights)
+        and not path.name.endswith(".index.json")
+        and path.name not in written
+        and not (out_dir / path.name).exists()
+    )
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -195,7 +269,7 @@ def _load_model(directory: Path, *, weights: bool) -> nn.Module:
         if (directory / "adapter_config.json").is_file():
             raise LNTuneConfigError(
                 f"'{directory}' is an adapter directory (adapter_config.json); give the base model's directory "
-                "instead (reading saved adapters from the command line is not available yet)."
+                "as MODEL_DIR (merge and export take the adapter directory as their second argument)."
             )
         raise LNTuneConfigError(f"'{directory}' has no config.json; give a Hugging Face model directory.")
     config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)

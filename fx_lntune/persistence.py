@@ -34,7 +34,7 @@ from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "apply_to_model"]
+__all__ = ["read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "apply_to_model"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -172,6 +172,15 @@ def apply_to_model(gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
             for table, name in slots[id(old)]:
                 table[name] = new
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LNTuningConfig:
+    """The `LNTuningConfig` in ``directory``'s ``adapter_config.json`` (ours or PEFT's), without loading weights.
+
+    Raises:
+        LNTuneStateError: the file is missing, not JSON, not a PEFT config, or not LN tuning.
+    """
+    return _read_config(Path(directory) / CONFIG_NAME)
 
 
 def _check_exists(state: LNTuneState, adapter_name: Any) -> None:

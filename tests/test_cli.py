@@ -18,7 +18,7 @@ import pydot
 import pytest
 import torch
 from conftest import captured
-from models import make_model
+from models import make_inputs, make_model
 
 import fx_lntune as fl
 from fx_lntune.cli import main
@@ -71,7 +71,7 @@ def _assert_one_line_error(stderr: str, command: str, *words: str) -> None:
     assert all(word in lines[0] for word in words), lines[0]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["visualize", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["visualize", "--help"], ["merge", "--help"]])
 def test_help_for_the_tool_and_each_subcommand(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -184,3 +184,70 @@ def test_bad_input_exits_non_zero_with_one_line(args, words, model_dirs, tmp_pat
     assert result.returncode == 1
     _assert_one_line_error(result.stderr, args[0], *words)
     assert not (tmp_path / "g.svg").exists() and not (tmp_path / "g.dot").exists()
+
+
+def _peft_adapter(model: torch.nn.Module, directory: Path, targets: list[str], seed: int = 3) -> peft.PeftModel:
+    """A PEFT LN-tuning adapter over ``targets`` with seeded non-trivial weights, saved to ``directory``."""
+    reference = peft.get_peft_model(model, peft.LNTuningConfig(target_modules=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if ".ln_tuning_layers." in name:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    reference.save_pretrained(directory)
+    return reference.eval()
+
+
+def test_merge_writes_a_checkpoint_with_the_adapter_in_it(model_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    (model_dirs["llama"] / "tokenizer_config.json").write_text("{}")  # a companion file to carry over
+    targets = ["input_layernorm", "post_attention_layernorm"]
+    reference = _peft_adapter(model, tmp_path / "adapter", targets)
+    out = tmp_path / "merged"
+    assert main(["merge", str(model_dirs["llama"]), str(tmp_path / "adapter"), str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert (out / "tokenizer_config.json").is_file() and not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    inputs = make_inputs("llama", batch=3, seq=5)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()(**inputs).logits
+    assert not torch.allclose(merged(**inputs).logits, base)
+
+
+@pytest.mark.parametrize("case", ["out-not-empty", "no-adapter", "lora-adapter"])
+def test_merge_refuses_bad_input_and_writes_nothing(case, model_dirs, tmp_path, capsys):
+    adapter, out = tmp_path / "adapter", tmp_path / "out"
+    adapter.mkdir()
+    if case == "out-not-empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        words = ["not an empty folder"]
+    if case == "lora-adapter":
+        (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+        words = ["LORA"]
+    if case == "no-adapter":
+        words = ["adapter_config.json", "missing"]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["merge", str(model_dirs["llama"]), str(adapter), str(out)]) == 1
+    _assert_one_line_error(capsys.readouterr().err, "merge", *words)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_merge_end_to_end_on_all_minilm_l6_v2(tmp_path):
+    from transformers import AutoModel
+
+    directory = _minilm_dir()
+    model = AutoModel.from_pretrained(directory).eval()
+    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)]
+    reference = _peft_adapter(model, tmp_path / "adapter", norms)
+    merged = _run("merge", str(directory), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    ids = torch.randint(1000, 2000, (2, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ours = AutoModel.from_pretrained(tmp_path / "merged").eval()(**inputs).last_hidden_state
+        torch.testing.assert_close(ours, reference(**inputs).last_hidden_state, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "merged" / "vocab.txt").is_file() or not (directory / "vocab.txt").is_file()
