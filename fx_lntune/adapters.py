@@ -220,5 +220,9 @@ def _model_view(gm: torch.fx.GraphModule) -> nn.Module:
 
 
 def _copy_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    memo: dict[int, Any] = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
+    """A deep copy of ``gm`` whose parameters share storage with ``gm``'s but are parameter objects of their own,
+    so that freezing them in the copy leaves ``gm``'s trainable parameters as they were."""
+    memo: dict[int, Any] = {id(t): t for t in gm.buffers()}
+    for param in gm.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
     return copy.deepcopy(gm, memo)

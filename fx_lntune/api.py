@@ -114,14 +114,25 @@ def _example_inputs(
     return make_dummy_inputs(model, names)
 
 
+_PATH_CHARACTERS = frozenset("./\\:")
+# An adapter name is a key of the nn.ModuleDict holding the copies: it cannot be one of its attributes.
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
+
+
 def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
     """Refuse names that cannot be a module key or a safe directory name, and names already in use."""
     if not isinstance(adapter_name, str) or not adapter_name:
         raise LNTuneAdapterError(f"an adapter name must be a non-empty string, got {adapter_name!r}.")
-    if "." in adapter_name or "/" in adapter_name or "\\" in adapter_name or adapter_name in ("..", "."):
+    # ':' makes a drive-relative path on Windows ("C:x"); control characters (NUL) are no file name at all.
+    if any(char in _PATH_CHARACTERS or ord(char) < 32 for char in adapter_name):
         raise LNTuneAdapterError(
-            f"adapter name {adapter_name!r} contains '.', '/' or '\\'; these would break module paths and saved "
-            "directories. Use letters, digits, '-' or '_'."
+            f"adapter name {adapter_name!r} contains '.', '/', '\\', ':' or a control character; these would "
+            "break module paths or lead out of a save directory. Use letters, digits, '-' or '_'."
+        )
+    if adapter_name in _RESERVED_NAMES:
+        raise LNTuneAdapterError(
+            f"adapter name {adapter_name!r} is an attribute of torch.nn.ModuleDict, which holds the adapter copies, "
+            "so it cannot be a key there; choose another name, e.g. 'my_adapter'."
         )
     if adapter_name in existing:
         raise LNTuneAdapterError(
@@ -131,11 +142,17 @@ def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
 
 
 def apply_selection(gm: torch.fx.GraphModule) -> None:
-    """Make every dispatch module route and train as the graph's state says (in place)."""
+    """Make every dispatch module route and train as the graph's state says (in place).
+
+    While an adapter is merged, forward computes that adapter alone (as `merge_and_unload` does), also where it
+    has no copy and the active adapter has one, and nothing trains.
+    """
     state = get_state(gm)
-    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled
+    merged = state.merged_adapter
+    route = merged if merged is not None else state.active_adapter
+    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled and merged is None
     for module in dispatch_modules(gm).values():
-        module.select(state.active_adapter, disabled=state.disabled)
+        module.select(route, disabled=state.disabled)
         module.set_trainable(state.active_adapter, trainable)
 
 
