@@ -187,7 +187,7 @@ def unload(gm: torch.fx.GraphModule, progressbar: bool = False) -> torch.fx.Grap
 
 
 def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
-    if adapter_name not in state.configs:
+    if not isinstance(adapter_name, str) or adapter_name not in state.configs:
         raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
 
 

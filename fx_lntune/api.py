@@ -19,8 +19,9 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
-from fx_lntune.inputs import default_input_names, make_dummy_inputs
-from fx_lntune.state import META_KEY, LNTuneState, dispatch_modules, get_state
+from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs
+from fx_lntune.meta_device import guard_meta_weights
+from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
 from passes.inject import inject_adapters
 
@@ -69,7 +70,7 @@ def lntune_transform(
     gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
-    gm.meta[META_KEY] = LNTuneState(
+    state = LNTuneState(
         configs={adapter_name: config},
         active_adapter=adapter_name,
         tracer=used,
@@ -78,11 +79,13 @@ def lntune_transform(
         base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
         model_class=type(model).__name__,
     )
+    attach_state(gm, state)
     if hf_config is not None:
         # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
     apply_selection(gm)
+    guard_meta_weights(gm)
     return gm
 
 
@@ -109,8 +112,10 @@ def _example_inputs(
                 "example_inputs must be a dict of keyword inputs, e.g. {'input_ids': ids, 'attention_mask': mask}; "
                 f"got {type(example_inputs).__name__}."
             )
+        check_example_inputs(model, example_inputs)
         return dict(example_inputs)
     names = list(input_names) if input_names is not None else default_input_names(model)
+    check_example_inputs(model, dict.fromkeys(names), source="input_names")
     return make_dummy_inputs(model, names)
 
 
