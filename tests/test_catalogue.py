@@ -178,8 +178,10 @@ ROWS = [
     ),
     Row(
         "example-inputs-float-ids",
-        "example_inputs={'input_ids': ids.float()}",
-        lambda c: _transform(c, example_inputs=_with(c.inputs, input_ids=c.inputs["input_ids"].float())),
+        "example_inputs={'input_ids': ids.float()} (tracer='export')",
+        lambda c: _transform(
+            c, tracer="export", example_inputs=_with(c.inputs, input_ids=c.inputs["input_ids"].float())
+        ),
         T,
         "Long, Int",
     ),
@@ -364,6 +366,7 @@ def test_meta_graph_runs_on_meta_inputs_and_guard_goes_once_materialised():
         for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
             tensor.copy_(weights[name])
     assert len(gm._forward_pre_hooks) == 1
-    assert torch.equal(gm(**inputs)["logits"], real(**inputs)["logits"])
+    # (transformers 4.x picks another attention implementation for a model built on meta: not bit-equal)
+    torch.testing.assert_close(gm(**inputs)["logits"], real(**inputs)["logits"], atol=1e-6, rtol=1e-5)
     assert not gm._forward_pre_hooks  # removed itself: a materialised graph pays nothing
     assert not captured("bert")[1]._forward_pre_hooks  # never registered on a real capture

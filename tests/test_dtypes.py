@@ -10,6 +10,7 @@ import pickle
 
 import pytest
 import torch
+import transformers
 from models import make_inputs, make_model
 
 import fx_lntune as fl
@@ -98,18 +99,39 @@ def test_dtype_kept_in_every_copy_and_merge_is_an_exact_swap(dtype):
 def test_to_dtype_moves_every_copy_and_the_base(dtype):
     _, gm = _fresh()
     fl.merge_adapter(gm, "other")  # a merged copy sits in the base slot: it must move too
-    expected = _logits(gm.to(dtype))
-    assert {t.dtype for t in _floating(gm)} == {dtype} and expected.dtype == dtype
+    before = _state(gm)
+    gm.to(dtype)
+    assert {t.dtype for t in _floating(gm)} == {dtype}
     for module in dispatch_modules(gm).values():
         for child in [module.base, *module.copies.values()]:
             assert {p.dtype for p in child.parameters()} == {dtype}
+    converted = {key: value.to(dtype) if value.is_floating_point() else value for key, value in before.items()}
+    _assert_state_equal(_state(gm), converted)
     fl.unmerge_adapter(gm)
     fl.merge_adapter(gm, "other")
-    assert torch.equal(_logits(gm), expected)
+    _assert_state_equal(_state(gm), converted)
     with pytest.warns(UserWarning, match="unmerging"):
         fl.set_adapter(gm, "default")
     assert {p.dtype for p in gm.parameters() if p.requires_grad} == {dtype}
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x BERT casts its attention mask to the capture's dtype, which export bakes into the graph",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_bert_converted_after_capture_runs_in_the_new_dtype(dtype):
+    """Where the captured code follows the weights' dtype, ``gm.to(dtype)`` gives a working graph. Many captures
+    bake the capture's dtype into casts (llama's rotary embedding, gpt2, t5): capture in the dtype you run in."""
+    _, gm = _fresh()
+    fl.merge_adapter(gm, "other")
+    expected = _logits(gm.to(dtype))
+    assert expected.dtype == dtype
+    fl.unmerge_adapter(gm)
+    fl.merge_adapter(gm, "other")
+    assert torch.equal(_logits(gm), expected)
     reference = copy.deepcopy(_captured(torch.float32)[1]).to(dtype)
+    fl.set_adapter(reference, "other")
     assert torch.equal(_logits(gm), _logits(reference))
 
 
