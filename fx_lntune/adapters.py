@@ -210,7 +210,7 @@ def unload(gm: torch.fx.GraphModule, progressbar: bool = False) -> torch.fx.Grap
 
 
 def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
-    if adapter_name not in state.configs:
+    if not isinstance(adapter_name, str) or adapter_name not in state.configs:
         raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
 
 
@@ -243,5 +243,9 @@ def _model_view(gm: torch.fx.GraphModule) -> nn.Module:
 
 
 def _copy_sharing_tensors(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    memo: dict[int, Any] = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
+    """A deep copy of ``gm`` whose parameters share storage with ``gm``'s but are parameter objects of their own,
+    so that freezing them in the copy leaves ``gm``'s trainable parameters as they were."""
+    memo: dict[int, Any] = {id(t): t for t in gm.buffers()}
+    for param in gm.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
     return copy.deepcopy(gm, memo)

@@ -19,8 +19,9 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
-from fx_lntune.inputs import default_input_names, make_dummy_inputs
-from fx_lntune.state import META_KEY, LNTuneState, dispatch_modules, get_state
+from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs
+from fx_lntune.meta_device import guard_meta_weights
+from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
 from passes.inject import inject_adapters
 
@@ -69,7 +70,7 @@ def lntune_transform(
     gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
-    gm.meta[META_KEY] = LNTuneState(
+    state = LNTuneState(
         configs={adapter_name: config},
         active_adapter=adapter_name,
         tracer=used,
@@ -78,11 +79,13 @@ def lntune_transform(
         base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
         model_class=type(model).__name__,
     )
+    attach_state(gm, state)
     if hf_config is not None:
         # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
     apply_selection(gm)
+    guard_meta_weights(gm)
     return gm
 
 
@@ -109,19 +112,32 @@ def _example_inputs(
                 "example_inputs must be a dict of keyword inputs, e.g. {'input_ids': ids, 'attention_mask': mask}; "
                 f"got {type(example_inputs).__name__}."
             )
+        check_example_inputs(model, example_inputs)
         return dict(example_inputs)
     names = list(input_names) if input_names is not None else default_input_names(model)
+    check_example_inputs(model, dict.fromkeys(names), source="input_names")
     return make_dummy_inputs(model, names)
+
+
+_PATH_CHARACTERS = frozenset("./\\:")
+# An adapter name is a key of the nn.ModuleDict holding the copies: it cannot be one of its attributes.
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
 
 
 def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
     """Refuse names that cannot be a module key or a safe directory name, and names already in use."""
     if not isinstance(adapter_name, str) or not adapter_name:
         raise LNTuneAdapterError(f"an adapter name must be a non-empty string, got {adapter_name!r}.")
-    if "." in adapter_name or "/" in adapter_name or "\\" in adapter_name or adapter_name in ("..", "."):
+    # ':' makes a drive-relative path on Windows ("C:x"); control characters (NUL) are no file name at all.
+    if any(char in _PATH_CHARACTERS or ord(char) < 32 for char in adapter_name):
         raise LNTuneAdapterError(
-            f"adapter name {adapter_name!r} contains '.', '/' or '\\'; these would break module paths and saved "
-            "directories. Use letters, digits, '-' or '_'."
+            f"adapter name {adapter_name!r} contains '.', '/', '\\', ':' or a control character; these would "
+            "break module paths or lead out of a save directory. Use letters, digits, '-' or '_'."
+        )
+    if adapter_name in _RESERVED_NAMES:
+        raise LNTuneAdapterError(
+            f"adapter name {adapter_name!r} is an attribute of torch.nn.ModuleDict, which holds the adapter copies, "
+            "so it cannot be a key there; choose another name, e.g. 'my_adapter'."
         )
     if adapter_name in existing:
         raise LNTuneAdapterError(
@@ -131,11 +147,17 @@ def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
 
 
 def apply_selection(gm: torch.fx.GraphModule) -> None:
-    """Make every dispatch module route and train as the graph's state says (in place)."""
+    """Make every dispatch module route and train as the graph's state says (in place).
+
+    While an adapter is merged, forward computes that adapter alone (as `merge_and_unload` does), also where it
+    has no copy and the active adapter has one, and nothing trains.
+    """
     state = get_state(gm)
-    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled
+    merged = state.merged_adapter
+    route = merged if merged is not None else state.active_adapter
+    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled and merged is None
     for module in dispatch_modules(gm).values():
-        module.select(state.active_adapter, disabled=state.disabled)
+        module.select(route, disabled=state.disabled)
         module.set_trainable(state.active_adapter, trainable)
 
 

@@ -193,9 +193,11 @@ class LNTuningConfig:
         known = {"target_modules", "exclude_modules", "modules_to_save", "inference_mode", "task_type"}
         unknown = sorted(set(data) - known - _PEFT_ONLY_KEYS)
         if unknown:
+            version = data.get("peft_version")
+            written = f" (it says peft_version {version!r}: a newer PEFT may have added them)" if version else ""
             raise LNTuneConfigError(
                 f"Unknown LN tuning config key(s) {unknown}: neither fx-lntune nor PEFT's LNTuningConfig "
-                f"has them. Remove them; the known keys are {sorted(known | _PEFT_ONLY_KEYS)}."
+                f"has them{written}. Remove them; the known keys are {sorted(known | _PEFT_ONLY_KEYS)}."
             )
         return cls(**{key: data[key] for key in known if key in data})
 

@@ -5,6 +5,7 @@ Used by the capture front-ends when the user gives no `example_inputs`.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +16,13 @@ from torch.export import Dim
 
 from fx_lntune.errors import LNTuneTraceError
 
-__all__ = ["default_input_names", "make_dummy_inputs", "dynamic_shapes_for"]
+__all__ = [
+    "default_input_names",
+    "make_dummy_inputs",
+    "dynamic_shapes_for",
+    "check_example_inputs",
+    "check_dynamic_sizes",
+]
 
 # Inputs shaped (batch, sequence, ...): both leading dims vary from call to call. Any name starting with
 # "decoder_" is treated the same way (decoder_input_ids, decoder_attention_mask, ...).
@@ -230,3 +237,52 @@ def dynamic_shapes_for(inputs: Mapping[str, Any]) -> dict[str, dict[int, Any] | 
     (`use_cache` in a transformers 5 BERT), whether nested or not (pytorch/pytorch#150022, #164313).
     """
     return {name: _dims_for(name, value) for name, value in inputs.items()}
+
+
+_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_example_inputs(model: torch.nn.Module, inputs: Mapping[str, Any], source: str = "example_inputs") -> None:
+    """Refuse capture inputs the graph could not be called with by keyword, before any front-end runs.
+
+    Raises `LNTuneTraceError` when the forward takes its inputs only through ``*args``, when an input is not a
+    named parameter of the forward (export cannot make a keyword that only reaches ``**kwargs`` dynamic), or
+    when a parameter without a default is missing. ``source`` names the argument the names came from, for the
+    message. Reads `model` only.
+    """
+    model_name = type(model).__name__
+    parameters = inspect.signature(model.forward).parameters
+    named = [name for name, parameter in parameters.items() if parameter.kind in _KEYWORD_KINDS]
+    if not named and any(parameter.kind is inspect.Parameter.VAR_POSITIONAL for parameter in parameters.values()):
+        raise LNTuneTraceError(
+            f"{model_name}.forward takes its inputs only as *args, but fx-lntune captures and calls graphs by "
+            "keyword. Wrap the model in a module whose forward names its inputs, e.g. "
+            "`def forward(self, x): return model(x)`, and capture that."
+        )
+    unknown = [name for name in inputs if name not in named]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, named, n=3) for name in unknown}
+        raise LNTuneTraceError(
+            f"{source} {unknown} are not named parameters of {model_name}.forward (close names: {hints}); "
+            f"its keyword inputs are {named}. Rename or drop them."
+        )
+    missing = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in _KEYWORD_KINDS and parameter.default is inspect.Parameter.empty and name not in inputs
+    ]
+    if missing:
+        raise LNTuneTraceError(f"{source} lack {missing}, which {model_name}.forward requires; add a value for each.")
+
+
+def check_dynamic_sizes(inputs: Mapping[str, Any]) -> None:
+    """Refuse a dynamic dimension of size 1 (see `dynamic_shapes_for`): `torch.export` fixes such a dimension
+    to 1, and the graph would then fail on any other batch size or sequence length. Raises `LNTuneTraceError`."""
+    for name, dims in dynamic_shapes_for(inputs).items():
+        for dim in dims or {}:
+            if inputs[name].shape[dim] < 2:
+                what = "batch size" if dim == 0 else "sequence length"
+                raise LNTuneTraceError(
+                    f"example_inputs[{name!r}] has {what} 1 (dim {dim}); torch.export would fix that dimension "
+                    f"to 1 and the graph would accept no other size. Capture with a {what} of at least 2."
+                )

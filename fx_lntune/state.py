@@ -10,9 +10,14 @@ from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneStateError
 
-__all__ = ["META_KEY", "LNTuneState", "dispatch_modules", "get_state"]
+__all__ = ["META_KEY", "LNTuneState", "attach_state", "detach_state", "dispatch_modules", "get_state"]
 
 META_KEY = "fx_lntune"
+# Unpickling a GraphModule gives it a new, empty ``meta`` (torch.fx re-traces its code); the same state object,
+# also held as this attribute, is restored by torch.fx with the module's other attributes. `get_state` puts it back.
+_STATE_ATTRIBUTE = "_fx_lntune_state"
+# torch.fx's own list of attributes that ``copy.deepcopy`` of a GraphModule keeps.
+_PRESERVED = "_user_preserved_attributes"
 
 
 @dataclass
@@ -39,9 +44,30 @@ class LNTuneState:
     extra: dict = field(default_factory=dict)
 
 
+def attach_state(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
+    """Make ``state`` the graph's state (in place), kept through ``copy.deepcopy`` and pickling of ``gm``."""
+    gm.meta[META_KEY] = state
+    setattr(gm, _STATE_ATTRIBUTE, state)
+    gm.meta.setdefault(_PRESERVED, {})[_STATE_ATTRIBUTE] = state
+
+
+def detach_state(gm: torch.fx.GraphModule) -> None:
+    """Remove the graph's state (in place): ``gm`` is then a plain GraphModule again."""
+    del gm.meta[META_KEY]
+    gm.__dict__.pop(_STATE_ATTRIBUTE, None)
+    preserved = gm.meta.get(_PRESERVED, {})
+    preserved.pop(_STATE_ATTRIBUTE, None)
+    if not preserved:
+        gm.meta.pop(_PRESERVED, None)
+
+
 def get_state(gm: torch.fx.GraphModule) -> LNTuneState:
     """The state `lntune_transform` attached to ``gm``; a clear error for any other graph."""
     state = getattr(gm, "meta", {}).get(META_KEY) if isinstance(gm, torch.fx.GraphModule) else None
+    if state is None and isinstance(gm, torch.fx.GraphModule):
+        state = gm.__dict__.get(_STATE_ATTRIBUTE)
+        if isinstance(state, LNTuneState):  # an unpickled graph: its meta came back empty
+            _restore_after_unpickling(gm, state)
     if not isinstance(state, LNTuneState):
         raise LNTuneStateError(
             f"this {type(gm).__name__} was not produced by lntune_transform (no '{META_KEY}' entry in its "
@@ -53,3 +79,9 @@ def get_state(gm: torch.fx.GraphModule) -> LNTuneState:
 def dispatch_modules(gm: torch.nn.Module) -> dict[str, AdapterDispatch]:
     """Every adapter-dispatch module in ``gm`` by qualified path, in module order."""
     return {name: module for name, module in gm.named_modules() if isinstance(module, AdapterDispatch)}
+
+
+def _restore_after_unpickling(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
+    attach_state(gm, state)
+    if "config" in gm.__dict__:  # the Hugging Face config lntune_transform put there, for the next deepcopy
+        gm.meta[_PRESERVED]["config"] = gm.__dict__["config"]

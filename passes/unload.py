@@ -7,7 +7,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tqdm import tqdm
 
 from fx_lntune.modules import set_submodule
-from fx_lntune.state import META_KEY, dispatch_modules, get_state
+from fx_lntune.state import detach_state, dispatch_modules, get_state
 from passes.inject import NODE_MARK
 
 __all__ = ["unload_adapters"]
@@ -32,5 +32,5 @@ def unload_adapters(gm: torch.fx.GraphModule, *, progressbar: bool = False) -> P
         set_submodule(gm, path, module.base.requires_grad_(False))
     for node in gm.graph.nodes:
         node.meta.pop(NODE_MARK, None)
-    del gm.meta[META_KEY]
+    detach_state(gm)
     return PassResult(gm, True)

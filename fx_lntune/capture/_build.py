@@ -16,7 +16,19 @@ import torch.nn as nn
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.modules import set_submodule
 
-__all__ = ["alias_model", "build_graph_module", "capture_mode", "trace_error"]
+__all__ = ["ReloadTracer", "alias_model", "build_graph_module", "capture_mode", "trace_error"]
+
+
+class ReloadTracer(torch.fx.Tracer):
+    """The tracer torch.fx rebuilds an unpickled graph with (``GraphModule._tracer_cls``).
+
+    Pickling a ``GraphModule`` keeps its code, not its graph, and traces the code again on load. torch.fx's
+    default tracer would run every op on a buffer alone (``token_type_ids[:, :n]``) and bake the result into a
+    new constant; with buffers read as graph values the reloaded graph is the saved one. Export's tracer class,
+    which the graph would otherwise name, cannot be rebuilt without arguments.
+    """
+
+    proxy_buffer_attributes = True
 
 
 def alias_model(model: nn.Module) -> nn.Module:
@@ -58,6 +70,7 @@ def build_graph_module(
             root[target] = _lookup(shell if own else fallback, target)
             if not own and isinstance(root[target], torch.Tensor):
                 constants.append(target)
+    graph._tracer_cls = ReloadTracer  # kept by deepcopy, which rebuilds gm._tracer_cls from the graph
     gm = torch.fx.GraphModule(root, graph, class_name=class_name)
     for target in constants:
         # A tensor the model made in forward (export lifts it): it moves with the graph but is no state.
