@@ -28,6 +28,7 @@ from fx_lntune.errors import (
     LNTuneStateError,
     LNTuneTraceError,
 )
+from fx_lntune.materialize import materialize
 
 __all__ = [
     "LNTuningConfig",
@@ -53,4 +54,5 @@ __all__ = [
     "unmerge_adapter",
     "merge_and_unload",
     "unload",
+    "materialize",
 ]
