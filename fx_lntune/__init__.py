@@ -28,6 +28,7 @@ from fx_lntune.errors import (
     LNTuneStateError,
     LNTuneTraceError,
 )
+from fx_lntune.materialize import materialize
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 from fx_lntune.visualize import visualize_graph
 
@@ -59,4 +60,5 @@ __all__ = [
     "load_adapter",
     "apply_to_model",
     "visualize_graph",
+    "materialize",
 ]

@@ -1,0 +1,363 @@
+"""Every benchmark of fx-lntune in one run, printed as one Markdown table with the machine it ran on.
+
+Run: ``python benchmarks/run_all.py [--steps N] [--skip-compile] [--skip-meta]``. Not a test: nothing is
+asserted; the "target" column says what we aim for.
+
+Method. Timings are A/B interleaved in one process (ours, then the reference, then ours again ...) after a
+warm-up, and a row's value is the median of the per-pair ratios, so that load from other processes hits both
+sides alike. Training memory is the peak of the tensor storages that training creates and keeps alive at once
+(activations saved for backward, gradients, optimizer states, temporaries), counted by a dispatch mode that
+sees every op's outputs (`PeakTensorMemory`): exact and allocator-independent, unlike RSS, which on a CPU is
+dominated by the interpreter and the allocator's caching. (torch's own ``MemTracker`` would do, but it
+registers a gradient hook on every parameter and fails on frozen ones.) The meta-device transforms each run in a fresh
+subprocess, reporting wall and CPU time and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+import transformers
+from bench_core import LLAMA_7B, small_llama
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import BertForSequenceClassification
+
+import fx_lntune as fl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from demo import model_directory  # noqa: E402 - the packaged MiniLM, found as the demo finds it
+
+LLAMA_70B = dict(
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
+BATCH, SEQ = 4, 128
+
+Row = tuple[str, str, str, str]  # measurement, value, detail, target
+
+
+class Case:
+    """One model with its three trainable variants: ours (tuned graph), PEFT's LN tuning, and the plain model
+    with only its norm weights trainable."""
+
+    def __init__(self, name: str, model: torch.nn.Module, inputs: dict, loss: Callable, peft_config, norm_word: str):
+        self.name, self.model, self.inputs, self.loss = name, model.eval(), inputs, loss
+        self.ours = fl.lntune_transform(model, fl.LNTuningConfig(), example_inputs=inputs)
+        self.peft_config = peft_config(fl.targeted_module_names(self.ours))
+        self.peft = peft.get_peft_model(copy.deepcopy(model), self.peft_config)
+        self.plain = copy.deepcopy(model)
+        for param_name, param in self.plain.named_parameters():
+            param.requires_grad_(norm_word in param_name)
+        self.peft_inputs = dict(inputs, use_cache=False) if "Llama" in type(model).__name__ else inputs
+
+    def inputs_for(self, variant: str) -> dict:
+        return self.inputs if variant == "ours" else self.peft_inputs
+
+    def variants(self) -> dict[str, torch.nn.Module]:
+        return {"ours": self.ours, "peft": self.peft, "plain": self.plain}
+
+
+def llama_case() -> Case:
+    inputs = {
+        "input_ids": torch.randint(0, 1000, (BATCH, SEQ)),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+    }
+
+    def loss(out, inputs):
+        return torch.nn.functional.cross_entropy(
+            out["logits"][:, :-1].flatten(0, 1), inputs["input_ids"][:, 1:].flatten()
+        )
+
+    return Case(
+        "small llama", small_llama(), inputs, loss, lambda _: peft.LNTuningConfig(task_type="CAUSAL_LM"), "norm"
+    )
+
+
+def minilm_case() -> Case:
+    model = BertForSequenceClassification.from_pretrained(model_directory(), num_labels=2)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(1000, model.config.vocab_size, (BATCH, SEQ), generator=generator),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+    }
+    labels = torch.randint(0, 2, (BATCH,), generator=generator)
+
+    def loss(out, _):
+        return torch.nn.functional.cross_entropy(out["logits"], labels)
+
+    # PEFT has no default LN-tuning targets for bert: give it the modules ours targets (every LayerNorm).
+    return Case("MiniLM", model, inputs, loss, lambda targets: peft.LNTuningConfig(target_modules=targets), "LayerNorm")
+
+
+def interleaved(fns: dict[str, Callable[[], None]], pairs: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Run every function once per round, ``warmup`` + ``pairs`` rounds; the times of the last ``pairs``."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_index in range(warmup + pairs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_row(label: str, times: dict[str, list[float]], a: str, b: str, target: str, unit: float = 1e3) -> Row:
+    ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    name = "ms" if unit == 1e3 else "s"
+    detail = f"{unit * statistics.median(times[a]):.2f} {name} vs {unit * statistics.median(times[b]):.2f} {name}"
+    return label, f"{statistics.median(ratios):.3f}", detail, target
+
+
+def train_rows(case: Case, steps: int) -> list[Row]:
+    models = case.variants()
+    optimizers = {
+        name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for name, model in models.items()
+    }
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            model = models[name]
+            model.train()
+            loss = case.loss(model(**case.inputs_for(name)), case.inputs)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        return run
+
+    times = interleaved({name: step(name) for name in models}, steps)
+    return [
+        ratio_row(f"{case.name}: train step, ours / PEFT", times, "ours", "peft", "<= 1.00"),
+        ratio_row(f"{case.name}: train step, ours / plain model (norms trainable)", times, "ours", "plain", "<= 1.05"),
+    ]
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops create inside the mode and that are alive at the same time.
+
+    Storages that existed before (``existing``: weights, buffers, inputs) are not counted, even when an in-place
+    op returns them. A storage counts from the op that made it until its last reference dies.
+    """
+
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata not in self.live and ref.cdata not in self.existing:
+                    self.live[ref.cdata] = (ref, storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_training_memory(case: Case, name: str, steps: int = 2) -> int:
+    """Peak bytes of tensor storage that ``steps`` training steps of one variant (a fresh copy) keep alive."""
+    model = copy.deepcopy(case.variants()[name]).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    inputs = case.inputs_for(name)
+    existing = [*model.parameters(), *model.buffers(), *[v for v in inputs.values() if isinstance(v, torch.Tensor)]]
+    with PeakTensorMemory(existing) as tracker:
+        for _ in range(steps):
+            case.loss(model(**inputs), case.inputs).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return tracker.peak
+
+
+def memory_row(case: Case) -> Row:
+    ours, theirs = peak_training_memory(case, "ours"), peak_training_memory(case, "peft")
+    detail = f"{ours / 2**20:.1f} MiB vs {theirs / 2**20:.1f} MiB peak tensor memory of 2 steps"
+    return f"{case.name}: peak training memory, ours / PEFT", f"{ours / theirs:.3f}", detail, "<= 1.00"
+
+
+def inference_rows(case: Case, pairs: int, compile_backend: str | None) -> list[Row]:
+    merged = fl.merge_and_unload(case.ours).eval()
+    eager = case.model.eval()
+    inputs = case.inputs
+
+    def forward(model, kwargs) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(**kwargs)
+
+        return run
+
+    times = interleaved({"ours": forward(merged, inputs), "eager": forward(eager, case.peft_inputs)}, pairs)
+    rows = [
+        ratio_row(f"{case.name}: inference, merge_and_unload graph / eager model", times, "ours", "eager", "<= 1.02")
+    ]
+    if compile_backend:
+        compiled_ours = torch.compile(merged, backend=compile_backend)
+        compiled_eager = torch.compile(eager, backend=compile_backend)
+        start = time.perf_counter()
+        forward(compiled_ours, inputs)()
+        compile_ours = time.perf_counter() - start
+        start = time.perf_counter()
+        forward(compiled_eager, case.peft_inputs)()
+        compile_eager = time.perf_counter() - start
+        times = interleaved(
+            {"ours": forward(compiled_ours, inputs), "eager": forward(compiled_eager, case.peft_inputs)}, pairs
+        )
+        label, value, detail, target = ratio_row(
+            f"{case.name}: inference, torch.compile({compile_backend}) of both", times, "ours", "eager", "<= 1.02"
+        )
+        rows.append((label, value, f"{detail}; first call {compile_ours:.0f} s vs {compile_eager:.0f} s", target))
+    return rows
+
+
+def transform_row(case: Case, runs: int = 3) -> Row:
+    def ours() -> None:
+        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
+
+    def theirs() -> None:
+        peft.get_peft_model(copy.deepcopy(case.model), copy.deepcopy(case.peft_config))
+
+    times = interleaved({"ours": ours, "peft": theirs}, runs, warmup=0)
+    label, value, detail, _ = ratio_row(f"{case.name}: lntune_transform / get_peft_model", times, "ours", "peft", "")
+    return label, value, detail + " (PEFT's includes a deepcopy of the model)", "none (capture is a one-off)"
+
+
+def set_adapter_row(case: Case, pairs: int = 50) -> Row:
+    ours, theirs = copy.deepcopy(case.ours), copy.deepcopy(case.peft)
+    fl.add_adapter(ours, "other")
+    theirs.add_adapter("other", copy.deepcopy(case.peft_config))
+    names = ["other", "default"]
+    state = {"ours": 0, "peft": 0}
+
+    def switch(name: str) -> Callable[[], None]:
+        def run() -> None:
+            state[name] += 1
+            adapter = names[state[name] % 2]
+            fl.set_adapter(ours, adapter) if name == "ours" else theirs.set_adapter(adapter)
+
+        return run
+
+    times = interleaved({"ours": switch("ours"), "peft": switch("peft")}, pairs)
+    return ratio_row(f"{case.name}: set_adapter, ours / PEFT", times, "ours", "peft", "<= 1.00")
+
+
+_META_CODE = """
+import json, resource, statistics, sys, time, torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+import fx_lntune as fl
+with torch.device("meta"):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**json.loads(sys.argv[1])))
+rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+wall, cpu = time.perf_counter(), time.process_time()
+gm = fl.lntune_transform(model, fl.LNTuningConfig())
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+fl.add_adapter(gm, "other")
+switches = []
+for index in range(50):
+    start = time.perf_counter()
+    fl.set_adapter(gm, "other" if index % 2 == 0 else "default")
+    switches.append(time.perf_counter() - start)
+print(json.dumps(dict(wall=wall, cpu=cpu, rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      rss_before_mb=rss_before / 1024, nodes=len(gm.graph.nodes),
+                      set_adapter_ms=1000 * statistics.median(switches))))
+"""
+
+
+def meta_rows(name: str, config: dict, target_s: float) -> list[Row]:
+    """``lntune_transform`` of a Llama built on ``meta`` from ``config``, in a fresh process."""
+    done = subprocess.run(
+        [sys.executable, "-c", _META_CODE, json.dumps(config)], capture_output=True, text=True, check=True
+    )
+    meta = json.loads(done.stdout.strip().splitlines()[-1])
+    detail = (
+        f"CPU {meta['cpu']:.1f} s; peak RSS {meta['rss_mb']:.0f} MB ({meta['rss_before_mb']:.0f} MB before); "
+        f"{meta['nodes']} nodes"
+    )
+    return [
+        (
+            f"lntune_transform, {name} llama on meta (wall s)",
+            f"{meta['wall']:.1f}",
+            detail,
+            f"< {target_s:.0f} s, < 2 GB",
+        ),
+        (f"set_adapter on the {name} graph (ms)", f"{meta['set_adapter_ms']:.2f}", "median of 50", "< 5 ms"),
+    ]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        total_kb = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {total_kb / 2**20:.0f} GB RAM"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{memory}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed A/B rounds per row")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('' to skip)")
+    parser.add_argument("--skip-meta", action="store_true", help="skip the 7B / 70B meta-device transforms")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
+
+    rows: list[Row] = []
+    for make_case in (llama_case, minilm_case):
+        case = make_case()
+        rows += train_rows(case, args.steps)
+        rows.append(memory_row(case))
+        rows += inference_rows(case, args.steps, args.compile_backend or None)
+        rows.append(transform_row(case))
+        rows.append(set_adapter_row(case))
+        print(f"done: {case.name}", file=sys.stderr, flush=True)
+    if not args.skip_meta:
+        rows += meta_rows("7B", LLAMA_7B, 10)
+        rows += meta_rows("70B", LLAMA_70B, 30)
+
+    print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(f"inputs: batch {BATCH} x {SEQ} tokens; {args.steps} timed A/B rounds per row after 2 warm-up rounds\n")
+    print("| measurement | value | detail | target |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
