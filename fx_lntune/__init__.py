@@ -19,6 +19,7 @@ from fx_lntune.api import (
     targeted_module_names,
 )
 from fx_lntune.config import LNTuningConfig
+from fx_lntune.deploy import export_onnx, export_program, export_torchscript
 from fx_lntune.dispatch import LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import (
     LNTuneAdapterError,
@@ -61,4 +62,7 @@ __all__ = [
     "apply_to_model",
     "visualize_graph",
     "materialize",
+    "export_torchscript",
+    "export_onnx",
+    "export_program",
 ]

@@ -1,0 +1,383 @@
+"""Export a tuned graph for deployment: TorchScript, ONNX or a `torch.export` program of the merged adapter.
+
+Each exporter works on a copy: a tuned graph is merged with its active adapter (`merge_and_unload`) and left
+exactly as it was; a plain ``GraphModule`` (what `merge_and_unload` returns) is exported as it is. The file
+appears at ``path`` only once it is complete and checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.adapters import merge_and_unload
+from fx_lntune.dispatch import AdapterDispatch
+from fx_lntune.errors import LNTuneExportError
+from fx_lntune.inputs import dynamic_shapes_for
+from fx_lntune.state import META_KEY, LNTuneState
+from passes._runner import run_pass
+from passes.trace_sizes import frozen_size_users, trace_sizes
+
+__all__ = ["export_torchscript", "export_onnx", "export_program"]
+
+ONNX_EXTRA = "pip install fx-lntune[onnx]"
+# transformers 4.x builds attention masks with torch.vmap; export records it as these calls.
+_VMAP_OPS = frozenset(
+    {torch._functorch.predispatch._vmap_increment_nesting, torch._functorch.predispatch._add_batch_dim}
+)
+
+
+def export_torchscript(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write a TorchScript module of ``gm``'s merged active adapter to ``path``; return the path.
+
+    The module is traced (``torch.jit.trace``; the captured graphs are aten-level code that scripting cannot
+    compile) with the graph's sizes kept as traced values (`passes.trace_sizes`), and the trace is checked at
+    batch and sequence one longer, so a size the trace froze fails here and not in production. Graphs that
+    build masks with ``torch.vmap`` (transformers 4.x) are re-exported with ``torch.export`` first, which
+    writes the vmap out as plain ops. Load with ``torch.jit.load(path)`` and call with the inputs as positional
+    tensors in input-name order; it returns a dict of tensors keyed by the model's output names (``logits``,
+    ...). Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
+    """
+    deployable = _prepare(gm, example_inputs)
+    names = deployable.input_names
+    args = tuple(deployable.inputs[name] for name in names)
+    check = tuple(_grown(deployable.inputs, deployable.dynamic_axes)[name] for name in names)
+    with _staged(path) as staging, torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings flag values the trace may freeze; the check at a second size is what tells.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with _as_export_error("TorchScript export"):
+            module = _traceable(deployable)
+        with _as_export_error("TorchScript export", culprits=frozen_size_users(module)):
+            traced = torch.jit.trace(module, args, strict=False, check_inputs=[check])
+            torch.jit.save(traced, str(staging))
+    return Path(path)
+
+
+def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]) -> Path:
+    """Write an ONNX model of ``gm``'s merged active adapter to ``path``; return the path.
+
+    Uses the exporter PyTorch recommends (``torch.onnx.export(..., dynamo=True)``, built on `torch.export`).
+    The model's inputs carry the graph's input names and its outputs the model's output names; the batch
+    (``batch``) and sequence (``sequence``, ``decoder_sequence``) axes are dynamic. The file is checked with
+    ``onnx.checker`` before it is moved to ``path``. Needs the ``onnx`` extra (``pip install fx-lntune[onnx]``).
+    Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
+    """
+    onnx = _import_onnx()
+    deployable = _prepare(gm, example_inputs)
+    with _staged(path) as staging, _as_export_error("ONNX export"), warnings.catch_warnings():
+        # Inputs sharing an axis (input_ids and attention_mask) name it once; torch.onnx warns about the other.
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+        program = torch.onnx.export(
+            deployable.module,
+            (),
+            kwargs=deployable.inputs,
+            dynamo=True,
+            input_names=deployable.input_names,
+            output_names=deployable.output_names,
+            dynamic_shapes=deployable.dynamic_axes,
+            verbose=False,
+        )
+        # Weights go into the file itself unless they cannot (the 2 GB protobuf limit): then into `<name>.data`.
+        program.save(str(staging), external_data=_initializer_bytes(program) >= 2**31 - 2**26)
+        onnx.checker.check_model(str(staging))
+    return Path(path)
+
+
+def export_program(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]
+) -> Path:
+    """Write a ``torch.export`` program (``.pt2``) of ``gm``'s merged active adapter to ``path``; return the path.
+
+    ``torch.export.load(path).module()(**inputs)`` runs it at any batch and sequence length, with the same
+    keyword inputs as ``gm``, and returns a dict of tensors keyed by the model's output names. The program is
+    the training IR ``torch.export.export`` gives, except for graphs with ``torch.vmap`` (transformers 4.x
+    masks), which are decomposed to the inference IR because the serializer cannot hold vmap. Works on a copy:
+    ``gm`` is not changed. Runs in evaluation mode (no dropout).
+    """
+    deployable = _prepare(gm, example_inputs)
+    with _staged(path) as staging, _as_export_error("torch.export"):
+        torch.export.save(_exported(deployable), str(staging))
+    return Path(path)
+
+
+@dataclass
+class _Deployable:
+    """What every exporter needs: a plain module with named tensor inputs and a dict of named tensor outputs."""
+
+    module: torch.fx.GraphModule
+    inputs: dict[str, torch.Tensor]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str] | None]
+
+
+def _prepare(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> _Deployable:
+    plain, input_names = _merged_copy(gm, example_inputs)
+    inputs = {name: example_inputs[name] for name in input_names}
+    dynamic_axes = _dynamic_axes(inputs)
+    plain.eval()
+    with torch.no_grad(), _as_export_error("running the graph on example_inputs"):
+        outputs = plain(**inputs)
+    keys = _output_keys(outputs)
+    module = _named_io_module(plain, input_names, keys)
+    return _Deployable(module, inputs, input_names, [str(key) for key in keys], dynamic_axes)
+
+
+def _traceable(deployable: _Deployable) -> torch.fx.GraphModule:
+    """``deployable``'s module ready for `torch.jit.trace`: vmap written out, sizes traced (`trace_sizes`)."""
+    module = deployable.module
+    if _has_vmap(module):
+        module = _exported(deployable, positional=True).module()
+        for node in list(module.graph.nodes):
+            if node.op == "call_module" and node.target == "_guards_fn":
+                module.graph.erase_node(node)
+    return run_pass(trace_sizes, module)
+
+
+def _exported(deployable: _Deployable, *, positional: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``deployable`` with dynamic batch/sequence axes, taking its inputs by keyword (or in
+    input-name order). A graph with vmap is decomposed to the inference IR, which writes the vmap out as plain
+    ops: neither TorchScript nor the program serializer can hold it."""
+    dims = _export_dims(deployable.dynamic_axes)
+    if positional:
+        args, kwargs, dims = tuple(deployable.inputs.values()), {}, tuple(dims.values())
+    else:
+        args, kwargs = (), deployable.inputs
+    program = torch.export.export(deployable.module, args, kwargs, dynamic_shapes=dims, strict=False)
+    return program.run_decompositions({}) if _has_vmap(deployable.module) else program
+
+
+def _has_vmap(module: nn.Module) -> bool:
+    return any(node.target in _VMAP_OPS for graph in _graphs(module) for node in graph.nodes)
+
+
+def _graphs(module: nn.Module) -> list[torch.fx.Graph]:
+    return [child.graph for child in module.modules() if isinstance(child, torch.fx.GraphModule)]
+
+
+def _export_dims(dynamic_axes: Mapping[str, dict[int, str] | None]) -> dict[str, dict[int, Any] | None]:
+    return {
+        name: {axis: torch.export.Dim.DYNAMIC for axis in axes} if axes is not None else None
+        for name, axes in dynamic_axes.items()
+    }
+
+
+def _merged_copy(
+    gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]
+) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A plain copy of ``gm`` (merged with its active adapter when tuned) and its input names in order."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise LNTuneExportError(
+            f"export needs a torch.fx.GraphModule from lntune_transform or merge_and_unload, got "
+            f"{type(gm).__name__}; capture the model with fx_lntune.lntune_transform first."
+        )
+    if not isinstance(example_inputs, Mapping) or not all(isinstance(key, str) for key in example_inputs):
+        raise LNTuneExportError(
+            "example_inputs must be a dict of keyword inputs, e.g. {'input_ids': ids, 'attention_mask': mask}; "
+            f"got {type(example_inputs).__name__}."
+        )
+    state = gm.meta.get(META_KEY)
+    if isinstance(state, LNTuneState):
+        input_names = list(state.input_names)
+        _check_names(example_inputs, input_names)
+        plain = merge_and_unload(_alias_copy(gm))
+    else:
+        if any(isinstance(module, AdapterDispatch) for module in gm.modules()):
+            raise LNTuneExportError(
+                "this graph holds adapter-dispatch modules but no fx_lntune state; export the tuned graph that "
+                "lntune_transform returned, or the plain graph merge_and_unload returns."
+            )
+        input_names = list(example_inputs)
+        _check_names(example_inputs, _forward_names(gm) or input_names)
+        plain = _alias_copy(gm)
+    for name in input_names:
+        if not isinstance(example_inputs[name], torch.Tensor):
+            raise LNTuneExportError(
+                f"example_inputs[{name!r}] is a {type(example_inputs[name]).__name__}; every input must be a tensor."
+            )
+    return plain, input_names
+
+
+def _check_names(example_inputs: Mapping[str, Any], expected: list[str]) -> None:
+    missing = [name for name in expected if name not in example_inputs]
+    unknown = [name for name in example_inputs if name not in expected]
+    if missing or unknown:
+        raise LNTuneExportError(
+            f"example_inputs must hold exactly the graph's inputs {expected}; missing {missing}, unknown {unknown}. "
+            "Pass one batch of the inputs the graph was captured with."
+        )
+
+
+def _forward_names(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(node.target) for node in gm.graph.nodes if node.op == "placeholder"]
+
+
+def _alias_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` whose parameters are new ``Parameter`` objects over the same storage and whose
+    buffers are ``gm``'s own: nothing is copied, and freezing or swapping in the copy never reaches ``gm``."""
+    memo: dict[int, Any] = {id(buffer): buffer for buffer in gm.buffers()}
+    for param in gm.parameters():
+        memo[id(param)] = nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+    return copy.deepcopy(gm, memo)
+
+
+def _dynamic_axes(inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[int, str] | None]:
+    """Each input's dynamic axes by name (the capture's rule: batch, and sequence for token inputs).
+
+    A dynamic axis of size 1 is refused: export would make it a constant, and the file would only run at 1.
+    """
+    axes: dict[str, dict[int, str] | None] = {}
+    for name, dims in dynamic_shapes_for(inputs).items():
+        if dims is None:
+            axes[name] = None
+            continue
+        sequence = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+        axes[name] = {axis: "batch" if axis == 0 else sequence for axis in dims}
+        for axis, label in axes[name].items():
+            if inputs[name].shape[axis] < 2:
+                raise LNTuneExportError(
+                    f"example_inputs[{name!r}] has size 1 in its {label} axis (dim {axis}); export would fix that "
+                    "axis to 1. Pass example inputs with batch and sequence length of at least 2."
+                )
+    return axes
+
+
+def _output_keys(outputs: Any) -> list[Any]:
+    """The keys of the tensors in ``outputs`` (a ModelOutput or dict, a tuple, or one tensor)."""
+    if isinstance(outputs, torch.Tensor):
+        return [None]
+    if isinstance(outputs, Mapping):
+        keys = [key for key, value in outputs.items() if isinstance(value, torch.Tensor)]
+    elif isinstance(outputs, (tuple, list)):
+        keys = [index for index, value in enumerate(outputs) if isinstance(value, torch.Tensor)]
+    else:
+        keys = []
+    if not keys:
+        raise LNTuneExportError(
+            f"the graph returns {type(outputs).__name__} with no tensors in it; export needs tensor outputs."
+        )
+    return keys
+
+
+def _named_io_module(plain: torch.fx.GraphModule, input_names: list[str], keys: list[Any]) -> torch.fx.GraphModule:
+    """A plain GraphModule around ``plain`` taking its inputs by name and returning ``{name: tensor}``.
+
+    The model's output object (a transformers ``ModelOutput``) becomes a dict, which every format can carry
+    and which needs no transformers class to load::
+
+        def forward(self, input_ids, attention_mask):
+            model = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return {'logits': model['logits']}
+    """
+    graph = torch.fx.Graph()
+    placeholders = {name: graph.placeholder(name) for name in input_names}
+    result = graph.call_module("model", (), placeholders)
+    if keys == [None]:
+        graph.output({"output": result})
+    else:
+        graph.output({_output_name(key): graph.call_function(operator.getitem, (result, key)) for key in keys})
+    return torch.fx.GraphModule({"model": plain}, graph, class_name="Exported" + type(plain).__name__).eval()
+
+
+def _output_name(key: Any) -> str:
+    return key if isinstance(key, str) else f"output_{key}"
+
+
+def _grown(inputs: Mapping[str, torch.Tensor], axes: Mapping[str, dict[int, str] | None]) -> dict[str, torch.Tensor]:
+    """``inputs`` one longer in every dynamic axis (the first slice repeated at the end), for a second trace."""
+    grown = {}
+    for name, value in inputs.items():
+        for axis in axes[name] or ():
+            value = torch.cat([value, value.narrow(axis, 0, 1)], dim=axis)
+        grown[name] = value
+    return grown
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter needs it
+    except ImportError as error:
+        raise LNTuneExportError(
+            f"ONNX export needs the onnx extra, which is not installed ({error}); run `{ONNX_EXTRA}`."
+        ) from error
+    return onnx
+
+
+def _initializer_bytes(program: Any) -> int:
+    values = [value.const_value for value in program.model.graph.initializers.values()]
+    return sum(value.nbytes for value in values if value is not None)
+
+
+@contextlib.contextmanager
+def _staged(path: str | os.PathLike) -> Iterator[Path]:
+    """A path to write to in a new directory beside ``path``; its files move to ``path``'s directory once the
+    block succeeds (``path`` itself last), and nothing of them is left when it fails."""
+    target = Path(path)
+    if target.is_dir():
+        raise LNTuneExportError(f"{str(target)!r} is a directory; give the path of the file to write.")
+    if not target.parent.is_dir():
+        raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging / target.name
+        for file in sorted(staging.iterdir(), key=lambda file: file.name == target.name):
+            os.replace(file, target.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _as_export_error(step: str, culprits: list[str] = ()) -> Iterator[None]:
+    """Turn any exception in the block into an `LNTuneExportError` naming the failing operator, and undo the
+    vmap levels a graph that failed inside ``torch.vmap`` leaves behind (they would break every later random
+    op in the process)."""
+    level = torch._C._functorch.maybe_current_level()
+    try:
+        yield
+    except Exception as error:
+        while (current := torch._C._functorch.maybe_current_level()) is not None and (level is None or current > level):
+            torch._C._functorch._vmap_decrement_nesting()
+        if isinstance(error, LNTuneExportError):
+            raise
+        raise LNTuneExportError(_describe(step, error, culprits)) from error
+
+
+def _describe(step: str, error: BaseException, culprits: list[str] = ()) -> str:
+    text = str(error)
+    operator_name = culprits[0] if culprits else _operator_in(text)
+    culprit = f" at operator {operator_name}" if operator_name else ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0][:300] if lines else "(no message)"
+    return (
+        f"{step} failed{culprit}: {type(error).__name__}: {first}. The graph is unchanged and nothing was written; "
+        "try another export format, or a graph without that operator."
+    )
+
+
+def _operator_in(text: str) -> str | None:
+    """The first registered operator named in ``text`` (``ns::op``, ``ns.op.overload`` or ``torch.ops.ns.op``)."""
+    for match in re.finditer(r"(?:torch\.ops\.)?\b(\w+)(?:::|\.)(\w+)(?:\.\w+)?", text):
+        try:
+            found = isinstance(getattr(getattr(torch.ops, match.group(1)), match.group(2)), torch._ops.OpOverloadPacket)
+        except (AttributeError, RuntimeError):
+            found = False
+        if found:
+            return match.group(0).removeprefix("torch.ops.")
+    return None
