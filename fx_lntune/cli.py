@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LayerNorm tuning (LN tuning) of Hugging Face models as a torch.fx graph rewrite.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_visualize, _add_merge):
+    for add in (_add_inspect, _add_visualize, _add_merge, _add_export):
         add(commands)
     return parser
 
@@ -189,6 +189,34 @@ def _run_merge(args: argparse.Namespace) -> int:
         shutil.copy2(args.model_dir / name, args.out_dir / name)
     print(f"merged adapter {args.adapter_dir} into {type(model).__name__} from {args.model_dir}")
     print(f"wrote {args.out_dir} (save_pretrained{', plus ' + ', '.join(copied) if copied else ''})")
+    return 0
+
+
+EXPORTERS = {"onnx": fl.export_onnx, "torchscript": fl.export_torchscript, "program": fl.export_program}
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export a model with an adapter merged to ONNX, TorchScript or a torch.export program",
+        description="Load the model in MODEL_DIR and the LN-tuning adapter in ADAPTER_DIR (ours or PEFT's), merge "
+        "it and write OUT: an ONNX model (needs pip install fx-lntune[onnx]), a TorchScript file or a torch.export "
+        "program (.pt2). Batch and sequence are dynamic.",
+        epilog="example: fx-lntune export MODEL_DIR ADAPTER_DIR --format onnx model.onnx",
+    )
+    _add_model_argument(parser)
+    _add_adapter_argument(parser)
+    parser.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="the file format")
+    parser.add_argument("output", type=Path, metavar="OUT", help="the file to write")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if not args.output.parent.is_dir():
+        raise LNTuneConfigError(f"the folder of output '{args.output}' does not exist; create it first.")
+    _, gm, inputs = _tuned_graph(args.model_dir, args.adapter_dir)
+    path = EXPORTERS[args.format](gm, args.output, inputs)
+    print(f"exported adapter {args.adapter_dir} merged into {args.model_dir} as {args.format}: wrote {path}")
     return 0
 
 

@@ -71,7 +71,10 @@ def _assert_one_line_error(stderr: str, command: str, *words: str) -> None:
     assert all(word in lines[0] for word in words), lines[0]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["visualize", "--help"], ["merge", "--help"]])
+HELP = [["--help"], *([command, "--help"] for command in ("inspect", "visualize", "merge", "export"))]
+
+
+@pytest.mark.parametrize("argv", HELP)
 def test_help_for_the_tool_and_each_subcommand(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -251,3 +254,25 @@ def test_merge_end_to_end_on_all_minilm_l6_v2(tmp_path):
         ours = AutoModel.from_pretrained(tmp_path / "merged").eval()(**inputs).last_hidden_state
         torch.testing.assert_close(ours, reference(**inputs).last_hidden_state, atol=1e-5, rtol=1e-4)
     assert (tmp_path / "merged" / "vocab.txt").is_file() or not (directory / "vocab.txt").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["program", "onnx"])
+def test_export_writes_the_merged_adapter(fmt, model_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
+    reference = _peft_adapter(model, tmp_path / "adapter", ["input_layernorm", "post_attention_layernorm", "norm"])
+    out = tmp_path / f"model.{'pt2' if fmt == 'program' else 'onnx'}"
+    assert main(["export", str(model_dirs["llama"]), str(tmp_path / "adapter"), "--format", fmt, str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    inputs = make_inputs("llama", batch=3, seq=5)
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+    if fmt == "program":
+        logits = torch.export.load(out).module()(**inputs)["logits"]
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        feeds = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+        logits = torch.from_numpy(session.run(["logits"], feeds)[0])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
