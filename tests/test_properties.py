@@ -36,8 +36,8 @@ from fx_lntune.state import dispatch_modules, get_state
 _EXAMPLES = os.environ.get("FX_LNTUNE_HYPOTHESIS_EXAMPLES")
 settings.register_profile(
     "fx-lntune-properties",
-    max_examples=int(_EXAMPLES) if _EXAMPLES else 6,
-    stateful_step_count=40 if _EXAMPLES else 14,
+    max_examples=int(_EXAMPLES) if _EXAMPLES else 5,
+    stateful_step_count=40 if _EXAMPLES else 12,
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
