@@ -36,8 +36,8 @@ from fx_lntune.state import dispatch_modules, get_state
 _EXAMPLES = os.environ.get("FX_LNTUNE_HYPOTHESIS_EXAMPLES")
 settings.register_profile(
     "fx-lntune-properties",
-    max_examples=int(_EXAMPLES) if _EXAMPLES else 6,
-    stateful_step_count=40 if _EXAMPLES else 14,
+    max_examples=int(_EXAMPLES) if _EXAMPLES else 5,
+    stateful_step_count=40 if _EXAMPLES else 12,
     deadline=None,
     suppress_health_check=list(HealthCheck),
 )
@@ -300,6 +300,27 @@ class AdapterMachine(RuleBasedStateMachine):
                 if raises:
                     raise RuntimeError("user code failed")
         _assert_same_snapshot(before, _snapshot(self.gm))
+
+    @rule(data=st.data(), operation=st.sampled_from(["add", "set", "delete", "merge", "unmerge", "perturb"]))
+    def operate_while_disabled(self, data, operation: str) -> None:
+        """An operation inside `disable_adapters`: the block still computes the base and trains nothing, and on
+        exit the graph is in the state the operation made."""
+        if (operation == "add" and len(self.adapters) == len(NAMES)) or (
+            operation == "delete" and len(self.adapters) == 1
+        ):
+            return
+        actions = {
+            "add": self.add_adapter,
+            "set": self.set_adapter,
+            "delete": self.delete_adapter,
+            "merge": self.merge_adapter,
+            "unmerge": lambda _: self.unmerge_adapter(),
+            "perturb": self.perturb,
+        }
+        with fl.disable_adapters(self.gm):
+            actions[operation](data)
+            self._check_logits(_logits(self.gm, self.inputs), None)
+            assert not [name for name, p in self.gm.named_parameters() if p.requires_grad]
 
     @rule(data=st.data())
     def merge_and_unload(self, data) -> None:
