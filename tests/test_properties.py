@@ -17,6 +17,7 @@ import functools
 import inspect
 import itertools
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -215,6 +216,20 @@ class AdapterMachine(RuleBasedStateMachine):
         config = None if index < 0 else self.subject.other_configs[index]
         fl.add_adapter(self.gm, name, config)
         self._add_reference(name, config or self.adapters[self.active].config)
+
+    @precondition(lambda self: len(self.adapters) < len(NAMES))
+    @rule(data=st.data())
+    def save_and_load(self, data) -> None:
+        """Save any adapter (merged ones save their own weights) and load it back under a new name."""
+        source = data.draw(st.sampled_from(sorted(self.adapters)), label="source")
+        name = data.draw(st.sampled_from([n for n in NAMES if n not in self.adapters]), label="name")
+        with tempfile.TemporaryDirectory() as directory:
+            fl.save_adapter(self.gm, directory, source)
+            assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+            fl.load_adapter(self.gm, directory, name)
+        original = self.adapters[source]
+        weights = {path: _clone(state) for path, state in original.weights.items()}
+        self.adapters[name] = RefAdapter(get_state(self.gm).configs[name], weights, dict(original.slots))
 
     @rule(data=st.data())
     def set_adapter(self, data) -> None:
