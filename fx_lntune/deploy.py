@@ -50,9 +50,10 @@ def export_torchscript(
     compile) with the graph's sizes kept as traced values (`passes.trace_sizes`), and the trace is checked at
     batch and sequence one longer, so a size the trace froze fails here and not in production. Graphs that
     build masks with ``torch.vmap`` (transformers 4.x) are re-exported with ``torch.export`` first, which
-    writes the vmap out as plain ops. Load with ``torch.jit.load(path)`` and call with the inputs as positional
-    tensors in input-name order; it returns a dict of tensors keyed by the model's output names (``logits``,
-    ...). Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
+    writes the vmap out as plain ops. ``torch.jit.load(path)`` gives a module that takes the graph's inputs by
+    keyword, or positionally in input-name order, and returns a dict of tensors keyed by the model's output names
+    (``logits``, ...). Like any trace, it keeps the device of ``example_inputs`` where the graph creates tensors.
+    Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
     """
     deployable = _prepare(gm, example_inputs)
     names = deployable.input_names
@@ -360,15 +361,33 @@ def _as_export_error(step: str, culprits: list[str] = ()) -> Iterator[None]:
 
 
 def _describe(step: str, error: BaseException, culprits: list[str] = ()) -> str:
-    text = str(error)
-    operator_name = culprits[0] if culprits else _operator_in(text)
+    """One line: the step, the operator (from ``culprits`` or the messages), and the innermost cause's message
+    (exporters wrap the real error, e.g. torch.onnx's "step 1/3" around torch.export's)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    texts = [_ANSI.sub("", str(link)) for link in chain]
+    operator_name = culprits[0] if culprits else next(filter(None, map(_operator_in, texts)), None)
     culprit = f" at operator {operator_name}" if operator_name else ""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    first = lines[0][:300] if lines else "(no message)"
+    lines = [line.strip() for line in texts[-1].strip().splitlines() if line.strip()] or ["(no message)"]
+    first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    shapes = any(_SHAPE_FAILURE.search(text) for text in texts)
+    advice = _SHAPE_ADVICE if shapes else "try another export format, or a graph without that operator"
     return (
-        f"{step} failed{culprit}: {type(error).__name__}: {first}. The graph is unchanged and nothing was written; "
-        "try another export format, or a graph without that operator."
+        f"{step} failed{culprit}: {type(chain[-1]).__name__}: {first[:300].rstrip('.')}. The graph is unchanged and "
+        f"nothing was written; {advice}."
     )
+
+
+# Failures of a size check: the graph holds a size fixed at capture, so the file cannot have dynamic axes there.
+_SHAPE_FAILURE = re.compile(r"Constraints violated|conflicts between user-specified ranges|Runtime assertion failed")
+_SHAPE_ADVICE = (
+    "the graph only runs at some sizes of the batch or sequence axes (a size was fixed at capture, e.g. llava's "
+    "image count), so these axes cannot be dynamic in a file: check that the graph runs at other sizes"
+)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _operator_in(text: str) -> str | None:

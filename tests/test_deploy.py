@@ -110,8 +110,10 @@ def test_torchscript_runs_like_the_graph(arch, tmp_path):
     path = fl.export_torchscript(gm, tmp_path / "model.pt", make_inputs(arch))
     _assert_unchanged(gm, before)
     module = torch.jit.load(str(path))
-    names = gm.meta[META_KEY].input_names
-    _check_against_graph(lambda inputs: module(*(inputs[name] for name in names)), gm, arch)
+    _check_against_graph(lambda inputs: module(**inputs), gm, arch)
+    inputs = make_inputs(arch, **OTHER_SIZE)
+    positional = module(*(inputs[name] for name in gm.meta[META_KEY].input_names))
+    assert all(torch.equal(value, positional[key]) for key, value in module(**inputs).items())
 
 
 def test_program_follows_the_active_adapter_at_any_size(tmp_path):
