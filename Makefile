@@ -5,7 +5,7 @@ VENV_TF4 ?= .venv-tf4
 # The CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-tf5 test-tf4
+.PHONY: demo test test-tf5 test-tf4 graphviz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ $(VENV_TF4)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
 
-test: test-tf5 test-tf4
+test: graphviz test-tf5 test-tf4
+
+# Graphviz's `dot` draws the SVGs of tools/visualize_graph.py (its tests use it; the tool falls back without it).
+graphviz:
+	@command -v dot >/dev/null || apt-get install -y -q graphviz >/dev/null
 
 test-tf5: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
