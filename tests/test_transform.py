@@ -214,3 +214,20 @@ def test_graph_follows_its_inputs_device_and_dtype(arch):
         ours, reference = _first(gm(**inputs)), _first(model(**inputs, **_no_cache(model)))
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, reference, atol=5e-2, rtol=5e-2)  # bfloat16 keeps ~3 digits
+
+
+def test_attention_dropout_keeps_the_fused_kernel_and_follows_train_and_eval():
+    model, gm = captured("bert")
+    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    rates = [n.args[4] if len(n.args) > 4 else n.kwargs["dropout_p"] for n in sdpa]
+    assert sdpa and all(isinstance(rate, torch.fx.Node) for rate in rates)  # read from the module, not baked in
+    for name, module in gm.named_modules():
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("fx_attention_dropout"):
+            module.p = 0.0  # only attention dropout is left to make two training calls differ
+    inputs = make_inputs("bert", **OTHER_SHAPE)
+    gm.train()
+    with torch.no_grad():
+        assert not torch.equal(_first(gm(**inputs)), _first(gm(**inputs)))
+    gm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_first(gm(**inputs)), _first(model(**inputs)))
