@@ -182,7 +182,8 @@ def _export_dims(dynamic_axes: Mapping[str, dict[int, str] | None]) -> dict[str,
 def _merged_copy(
     gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]
 ) -> tuple[torch.fx.GraphModule, list[str]]:
-    """A plain copy of ``gm`` (merged with its active adapter when tuned) and its input names in order."""
+    """A plain copy of ``gm`` (when tuned: merged with its merged adapter, else its active one) and its input names
+    in order."""
     if not isinstance(gm, torch.fx.GraphModule):
         raise LNTuneExportError(
             f"export needs a torch.fx.GraphModule from lntune_transform or merge_and_unload, got "
@@ -197,7 +198,8 @@ def _merged_copy(
     if isinstance(state, LNTuneState):
         input_names = list(state.input_names)
         _check_names(example_inputs, input_names)
-        plain = merge_and_unload(_alias_copy(gm))
+        # What the graph computes: the merged adapter when one is merged in place, else the active one.
+        plain = merge_and_unload(_alias_copy(gm), state.merged_adapter)
     else:
         if any(isinstance(module, AdapterDispatch) for module in gm.modules()):
             raise LNTuneExportError(

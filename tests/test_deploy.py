@@ -131,6 +131,21 @@ def test_program_follows_the_active_adapter_at_any_size(tmp_path):
     assert not torch.allclose(module(**inputs)["logits"], default, **TOLERANCE)
 
 
+def test_program_follows_an_adapter_merged_in_place(tmp_path):
+    """With "other" merged while "default" is active, the graph computes "other": so does the file."""
+    gm = _tuned("llama")
+    fl.add_adapter(gm, "other")
+    _perturb(gm, "other", seed=2)
+    fl.merge_adapter(gm, "other")
+    before = _snapshot(gm)
+    path = fl.export_program(gm, tmp_path / "model.pt2", make_inputs("llama"))
+    _assert_unchanged(gm, before)
+    module = torch.export.load(str(path)).module()
+    inputs = make_inputs("llama", **OTHER_SIZE)
+    assert fl.active_adapter(gm) == "default"
+    torch.testing.assert_close(module(**inputs)["logits"], _outputs(gm, inputs)["logits"], **TOLERANCE)
+
+
 def test_program_of_a_plain_graph(tmp_path):
     plain = fl.merge_and_unload(_tuned("llama"))
     before = _snapshot(plain)
