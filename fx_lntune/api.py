@@ -19,7 +19,7 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
-from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs
+from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
@@ -66,15 +66,17 @@ def lntune_transform(
     targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
     inputs = _example_inputs(model, input_names, example_inputs)
+    plan = plan_inputs(model, inputs)
 
-    gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
+    leaves = [*targets, *saved]
+    gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     state = LNTuneState(
         configs={adapter_name: config},
         active_adapter=adapter_name,
         tracer=used,
-        input_names=list(inputs),
+        input_names=list(plan.signature),
         model_type=getattr(hf_config, "model_type", None),
         base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
         model_class=type(model).__name__,
