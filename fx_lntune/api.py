@@ -86,9 +86,52 @@ def lntune_transform(
         # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
+    gm.register_forward_pre_hook(check_call_inputs, with_kwargs=True)
+    gm._register_state_dict_hook(untie_state_dict)
     apply_selection(gm)
     guard_meta_weights(gm)
     return gm
+
+
+def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict hook: a tensor seen under a second key (tied embeddings, ``lm_head.weight``) is given there as a
+    copy (in place in ``state_dict``; the graph's own parameters stay tied).
+
+    Every key stays, as in the model's state dict, but no two share memory: safetensors refuses shared tensors,
+    and Hugging Face's ``Trainer`` saves a model that is no ``PreTrainedModel`` with ``safetensors.save_file`` of
+    its state dict (the end-of-training checkpoint would fail). Loading the file back fills both keys.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        storage = (value.device, value.untyped_storage().data_ptr())
+        if storage in seen:
+            state_dict[key] = value.detach().clone()
+        else:
+            seen.add(storage)
+
+
+def check_call_inputs(
+    gm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A forward pre-hook: refuse an input the graph does not take with `LNTuneTraceError` naming it and the inputs
+    it takes, before the call (Python's own ``TypeError`` would not say what to do). An input given as ``None``
+    that the graph does not take is dropped, as leaving it out means the same."""
+    import inspect
+
+    parameters = inspect.signature(gm.forward).parameters
+    unknown = [name for name in kwargs if name not in parameters]
+    if not unknown:
+        return None
+    given = [name for name in unknown if kwargs[name] is not None]
+    if given:
+        raise LNTuneTraceError(
+            f"the graph takes no input {given[0]!r}{' (nor ' + repr(given[1:]) + ')' if given[1:] else ''}; it takes "
+            f"{list(parameters)} by keyword. Drop it, or capture with it in example_inputs if the model's forward "
+            "takes it."
+        )
+    return args, {name: value for name, value in kwargs.items() if name in parameters}
 
 
 def _spare_norms(model: nn.Module, taken: Sequence[str]) -> list[str]:

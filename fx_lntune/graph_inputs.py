@@ -101,6 +101,12 @@ def default_decoder_input_ids(
             "this encoder-decoder graph needs decoder_input_ids, or labels to derive them from (shifted right, as "
             "the model does); pass one of them."
         )
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise LNTuneTraceError(
+            f"labels of shape {shape} cannot give decoder_input_ids: pass labels of shape (batch, target length), "
+            "token ids with -100 where no loss is wanted."
+        )
     function = resolve(shift)
     if shift.endswith(".prepare_decoder_input_ids_from_labels"):
         model_class = resolve(shift.rpartition(".")[0])

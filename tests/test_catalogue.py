@@ -186,20 +186,6 @@ ROWS = [
         "Long, Int",
     ),
     Row(
-        "example-inputs-batch-1",
-        "example_inputs with batch size 1 (tracer='export')",
-        lambda c: _transform(c, tracer="export", example_inputs=make_inputs("bert", batch=1)),
-        T,
-        "batch size 1",
-    ),
-    Row(
-        "example-inputs-seq-1",
-        "example_inputs with sequence length 1 (tracer='export')",
-        lambda c: _transform(c, tracer="export", example_inputs=make_inputs("bert", seq=1)),
-        T,
-        "sequence length 1",
-    ),
-    Row(
         "example-inputs-no-decoder-ids",
         "T5 example_inputs without decoder_input_ids (tracer='export')",
         lambda c: _transform(c, tracer="export", example_inputs=_with(c.inputs, decoder_input_ids=None)),
@@ -293,6 +279,21 @@ ROWS = [
     ),
     Row("disable-on-hf-model", "with disable_adapters(model): ...", lambda c: _disable(c.model), S, NOT_OURS),
     Row("targets-of-none", "targeted_module_names(None)", lambda c: fl.targeted_module_names(None), S, NOT_OURS),
+    # Calling the tuned graph.
+    Row(
+        "call-unknown-input",
+        "gm(**inputs, pixel_values=x) on a text model",
+        lambda c: c.gm(**c.inputs, pixel_values=torch.zeros(2, 3, 8, 8)),
+        T,
+        "the graph takes no input 'pixel_values'; it takes ['input_ids', 'attention_mask', 'token_type_ids'",
+    ),
+    Row(
+        "call-labels-wrong-shape",
+        "gm(**inputs, labels=<one label per token>) on a sequence classifier",
+        lambda c: c.gm(**c.inputs, labels=torch.zeros_like(c.inputs["input_ids"])),
+        T,
+        "labels of shape (2, 8) do not fit the model's ForSequenceClassification loss",
+    ),
 ]
 
 
