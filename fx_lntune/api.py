@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,8 +88,9 @@ def lntune_transform(
         # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
-    gm.register_forward_pre_hook(check_call_inputs, with_kwargs=True)
-    gm._register_state_dict_hook(untie_state_dict)
+    names = tuple(inspect.signature(gm.forward).parameters)
+    gm.register_forward_pre_hook(functools.partial(check_call_inputs, names=names), with_kwargs=True)
+    gm.register_state_dict_post_hook(untie_state_dict)
     apply_selection(gm)
     guard_meta_weights(gm)
     return gm
@@ -113,14 +116,13 @@ def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, loc
 
 
 def check_call_inputs(
-    gm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    gm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, names: tuple[str, ...]
 ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """A forward pre-hook: refuse an input the graph does not take with `LNTuneTraceError` naming it and the inputs
-    it takes, before the call (Python's own ``TypeError`` would not say what to do). An input given as ``None``
-    that the graph does not take is dropped, as leaving it out means the same."""
-    import inspect
-
-    parameters = inspect.signature(gm.forward).parameters
+    """A forward pre-hook: refuse an input the graph does not take (not in ``names``, the forward's parameters)
+    with `LNTuneTraceError` naming it and the inputs it takes, before the call (Python's own ``TypeError`` would
+    not say what to do). An input given as ``None`` that the graph does not take is dropped, as leaving it out
+    means the same."""
+    parameters = names
     unknown = [name for name in kwargs if name not in parameters]
     if not unknown:
         return None

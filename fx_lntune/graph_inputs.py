@@ -8,7 +8,6 @@ transformers' ``LOSS_MAPPING``) are named by import path and resolved on first u
 
 from __future__ import annotations
 
-import functools
 import importlib
 from types import SimpleNamespace
 from typing import Any
@@ -30,14 +29,20 @@ __all__ = [
 ]
 
 
-@functools.cache
+# Resolved once (when the pass inserts the node, or on first call); a plain dict, which torch.compile traces.
+_RESOLVED: dict[str, Any] = {}
+
+
 def resolve(path: str) -> Any:
     """The object at ``"package.module:Qual.name"``."""
-    module_name, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    found = _RESOLVED.get(path)
+    if found is None:
+        module_name, _, qualname = path.partition(":")
+        found = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        _RESOLVED[path] = found
+    return found
 
 
 def _batch_and_length(like: torch.Tensor) -> tuple[int, int]:

@@ -6,10 +6,11 @@ tuned graph's keyword interface (which inputs are optional, what they default to
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -329,7 +330,7 @@ class InputPlan:
 
     capture_inputs: dict[str, Any]
     signature: list[str]
-    defaults: dict[str, tuple[str, tuple]] = field(default_factory=dict)
+    defaults: dict[str, tuple[str, tuple]] = dataclasses.field(default_factory=dict)
     loss: dict[str, Any] | None = None
     output_class: type | None = None
 
@@ -484,8 +485,11 @@ def _loss_spec(model: torch.nn.Module, config: Any) -> dict[str, Any] | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     if name.endswith(_CLASSIFICATION):
-        return {"loss_type": "ForSequenceClassification", "num_labels": config.num_labels,
-                "problem_type": config.problem_type}
+        return {
+            "loss_type": "ForSequenceClassification",
+            "num_labels": config.num_labels,
+            "problem_type": config.problem_type,
+        }
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) and not encoder_decoder:
         return {"loss_type": "ForCausalLM", "vocab_size": text.vocab_size}
     if name.endswith("ForConditionalGeneration") or name.endswith("ForMaskedLM"):

@@ -31,7 +31,7 @@ def model_output_in_graph(gm: torch.fx.GraphModule, output_class: type | None = 
 
         def forward(self, input_ids, attention_mask):
             ...
-            model_output = fx_lntune_graph_inputs_model_output('transformers...:SequenceClassifierOutput', logits=linear_13)
+            model_output = fx_lntune_graph_inputs_model_output('...:SequenceClassifierOutput', logits=linear_13)
             return model_output
 
     A graph returning a dict (``transformers.utils.fx``) returns ``output_class(**dict)`` when one is given.
@@ -57,7 +57,9 @@ def model_output_in_graph(gm: torch.fx.GraphModule, output_class: type | None = 
 
 
 def _path(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    graph_inputs.resolve(path)  # fails here, not at the first call, if the class cannot be found by its path
+    return path
 
 
 def _build(graph: torch.fx.Graph, spec: Any, leaves: Any) -> Any:

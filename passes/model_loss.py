@@ -1,4 +1,4 @@
-"""Add the model's own loss to a captured graph: with ``labels`` the output carries ``loss`` first, as Hugging Face's."""
+"""Add the model's own loss to a captured graph: with ``labels`` the output carries ``loss`` first, as in HF."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def add_model_loss(gm: torch.fx.GraphModule, loss_type: str, **constants: Any) -
 
     ``constants`` are the loss's own arguments (``vocab_size``; ``num_labels`` and ``problem_type``).
     """
+    graph_inputs.resolve("transformers.loss.loss_utils:LOSS_MAPPING")
     graph = gm.graph
     output = next(node for node in reversed(graph.nodes) if node.op == "output")
     labels = next(node for node in graph.nodes if node.op == "placeholder" and node.target == "labels")
