@@ -356,8 +356,9 @@ def plan_inputs(model: torch.nn.Module, example_inputs: Mapping[str, Any]) -> In
     if config is None:
         return InputPlan(capture_inputs=inputs, signature=list(inputs))
     parameters = list(inspect.signature(model.forward).parameters)
-    inputs.pop("labels", None)
     loss = _loss_spec(model, config) if "labels" in parameters else None
+    if loss is not None:  # computed after the captured code (`passes.model_loss`), so that labels are optional
+        inputs.pop("labels", None)
     on_meta = any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
 
     candidates: dict[str, list[tuple[str, tuple]]] = {}
