@@ -89,7 +89,9 @@ def lntune_transform(
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
     names = tuple(inspect.signature(gm.forward).parameters)
-    gm.register_forward_pre_hook(functools.partial(check_call_inputs, names=names), with_kwargs=True)
+    install_call_check(gm, names)
+    # torch.fx's deepcopy keeps state-dict hooks but not forward hooks: this puts the check on every copy.
+    gm._register_deepcopy_hook(functools.partial(install_call_check, names=names))
     gm.register_state_dict_post_hook(untie_state_dict)
     apply_selection(gm)
     guard_meta_weights(gm)
@@ -113,6 +115,11 @@ def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, loc
             state_dict[key] = value.detach().clone()
         else:
             seen.add(storage)
+
+
+def install_call_check(gm: torch.fx.GraphModule, names: tuple[str, ...]) -> None:
+    """Make ``gm`` refuse a call with an input not in ``names`` (in place; see `check_call_inputs`)."""
+    gm.register_forward_pre_hook(functools.partial(check_call_inputs, names=names), with_kwargs=True)
 
 
 def check_call_inputs(

@@ -180,8 +180,8 @@ def test_size_one_dynamic_axis_is_refused(fmt, size, words, tmp_path):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (lambda inputs: inputs.pop("attention_mask"), r"missing \['attention_mask'\]"),
-        (lambda inputs: inputs.update(labels=inputs["input_ids"]), r"unknown \['labels'\]"),
+        (lambda inputs: inputs.pop("input_ids"), r"missing \['input_ids'\]"),
+        (lambda inputs: inputs.update(pixel_values=inputs["input_ids"]), r"unknown \['pixel_values'\]"),
         (lambda inputs: inputs.update(attention_mask=None), "must be a tensor"),
     ],
 )
