@@ -56,8 +56,11 @@ def lntune_transform(
     ``peft.LNTuningConfig``.
 
     ``example_inputs`` (keyword tensors) drive the capture; without them, small dummy inputs are made for
-    ``input_names`` (default: the inputs a user of this model class passes). The graph accepts any batch
-    size and sequence length, by keyword with the same names.
+    ``input_names`` (default: the inputs a user of this model class passes); one example of batch or length 1
+    is enough. The graph accepts any batch size and sequence length, by keyword: for a Hugging Face model the
+    inputs its forward takes that users pass (the example's, plus those of `fx_lntune.inputs.plan_inputs`:
+    masks, ``token_type_ids``, ``position_ids``, ``decoder_*``, optional with the model's defaults) and ``labels``,
+    which put the model's own loss first in its output. An input it does not take raises `LNTuneTraceError`.
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
