@@ -47,6 +47,8 @@ def model_output_in_graph(gm: torch.fx.GraphModule, output_class: type | None = 
             with graph.inserting_before(output):
                 output.args = (_build(graph, spec, leaves),)
         graph._codegen = CodeGen()
+        for stale in ("_in_spec", "_out_spec"):  # what the old code read; nothing reads them now
+            gm.__dict__.pop(stale, None)
         return PassResult(gm, True)
     if output_class is not None and isinstance(output.args[0], Mapping):
         with graph.inserting_before(output):
