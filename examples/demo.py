@@ -52,8 +52,7 @@ def accuracy(gm, tokenizer, data) -> float:
     with torch.no_grad():
         for start in range(0, len(data), 64):
             batch = data[start : start + 64]
-            enc = tokenizer([text for text, _ in batch], padding=True, return_tensors="pt")
-            logits = gm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            logits = gm(**tokenizer([text for text, _ in batch], padding=True, return_tensors="pt")).logits
             correct += sum(int(p == y) for p, (_, y) in zip(logits.argmax(-1).tolist(), batch, strict=True))
     return correct / len(data)
 
@@ -84,9 +83,9 @@ def main() -> None:
         bar = tqdm(range(0, len(train), 16), desc=f"epoch {epoch + 1}/{args.epochs}")
         for start in bar:
             batch = train[start : start + 16]
-            enc = tokenizer([text for text, _ in batch], padding=True, return_tensors="pt")
-            logits = gm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor([y for _, y in batch]))
+            labels = torch.tensor([y for _, y in batch])
+            # The tokenizer's whole output and the labels, as for the model itself: the output carries its loss.
+            loss = gm(**tokenizer([text for text, _ in batch], padding=True, return_tensors="pt"), labels=labels).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

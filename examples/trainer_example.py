@@ -1,8 +1,10 @@
 """Train the LN-tuned all-MiniLM-L6-v2 graph with Hugging Face's `Trainer` on the demo's templated sentiment data.
 
-Run: ``python examples/trainer_example.py`` (about a minute on 2 CPU cores). The tuned graph is an ordinary
-``nn.Module`` to `Trainer`: it builds its optimizer from the parameters that require grad (the adapter's norm
-copies and the classifier copy); only the loss needs a `compute_loss`, as the graph returns logits.
+Run: ``python examples/trainer_example.py`` (about a minute on 2 CPU cores). The tuned graph is used as the model
+itself, with `Trainer`'s defaults: it takes the tokenizer's whole output and ``labels`` by keyword and returns the
+model's own loss, so `DataCollatorWithPadding` and the default ``remove_unused_columns=True`` work and no
+``compute_loss`` is needed. `Trainer` builds its optimizer from the parameters that require grad (the adapter's norm
+copies and the classifier copy) and checkpoints with its default save strategy.
 """
 
 from __future__ import annotations
@@ -12,19 +14,15 @@ import tempfile
 
 import torch
 from demo import accuracy, make_dataset, model_directory
-from transformers import AutoTokenizer, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 import fx_lntune as fl
-
-
-class LogitsTrainer(Trainer):
-    """`Trainer` for a graph that returns logits: the loss is cross-entropy against the batch's labels."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        loss = torch.nn.functional.cross_entropy(outputs["logits"], labels)
-        return (loss, outputs) if return_outputs else loss
 
 
 def main() -> None:
@@ -45,11 +43,9 @@ def main() -> None:
     train, test = make_dataset(args.seed)
     print(f"accuracy before: {accuracy(gm, tokenizer, test):.3f} on {len(test)} held-out sentences")
 
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        enc = tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt")
-        labels = torch.tensor([row["label"] for row in rows])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
+    # Rows as a tokenized dataset holds them: the tokenizer's output (input_ids, token_type_ids, attention_mask),
+    # the label and the text, which Trainer drops as a column the graph's forward does not take.
+    rows = [{"text": text, "label": label, **tokenizer(text)} for text, label in train]
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="fx-lntune-trainer-")
     training_args = TrainingArguments(
         output_dir=output_dir,
@@ -58,18 +54,14 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="constant",
         logging_steps=10,
-        save_strategy="no",
+        save_steps=args.steps,  # one checkpoint at the end, with Trainer's default save strategy
         report_to="none",
         use_cpu=True,
-        remove_unused_columns=False,  # the graph's forward takes no labels; the collator's batch is all it needs
         seed=args.seed,
         disable_tqdm=True,  # Trainer then prints each log line: {'loss': ..., 'grad_norm': ..., ...}
     )
-    trainer = LogitsTrainer(
-        model=gm,
-        args=training_args,
-        train_dataset=[{"text": text, "label": label} for text, label in train],
-        data_collator=collate,
+    trainer = Trainer(
+        model=gm, args=training_args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer)
     )
     trainer.train()
     print(f"accuracy after:  {accuracy(gm, tokenizer, test):.3f} on {len(test)} held-out sentences")

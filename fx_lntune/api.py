@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
-from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs
+from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
@@ -54,8 +56,11 @@ def lntune_transform(
     ``peft.LNTuningConfig``.
 
     ``example_inputs`` (keyword tensors) drive the capture; without them, small dummy inputs are made for
-    ``input_names`` (default: the inputs a user of this model class passes). The graph accepts any batch
-    size and sequence length, by keyword with the same names.
+    ``input_names`` (default: the inputs a user of this model class passes); one example of batch or length 1
+    is enough. The graph accepts any batch size and sequence length, by keyword: for a Hugging Face model the
+    inputs its forward takes that users pass (the example's, plus those of `fx_lntune.inputs.plan_inputs`:
+    masks, ``token_type_ids``, ``position_ids``, ``decoder_*``, optional with the model's defaults) and ``labels``,
+    which put the model's own loss first in its output. An input it does not take raises `LNTuneTraceError`.
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
@@ -66,15 +71,17 @@ def lntune_transform(
     targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
     inputs = _example_inputs(model, input_names, example_inputs)
+    plan = plan_inputs(model, inputs)
 
-    gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
+    leaves = [*targets, *saved]
+    gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     state = LNTuneState(
         configs={adapter_name: config},
         active_adapter=adapter_name,
         tracer=used,
-        input_names=list(inputs),
+        input_names=list(plan.signature),
         model_type=getattr(hf_config, "model_type", None),
         base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
         model_class=type(model).__name__,
@@ -84,9 +91,59 @@ def lntune_transform(
         # `gm.config` as on the model (HF Trainer and users read it); kept through deepcopy by torch.fx.
         gm.config = hf_config
         gm.meta.setdefault("_user_preserved_attributes", {})["config"] = hf_config
+    names = tuple(inspect.signature(gm.forward).parameters)
+    install_call_check(gm, names)
+    # torch.fx's deepcopy keeps state-dict hooks but not forward hooks: this puts the check on every copy.
+    gm._register_deepcopy_hook(functools.partial(install_call_check, names=names))
+    gm.register_state_dict_post_hook(untie_state_dict)
     apply_selection(gm)
     guard_meta_weights(gm)
     return gm
+
+
+def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A state-dict hook: a tensor seen under a second key (tied embeddings, ``lm_head.weight``) is given there as a
+    copy (in place in ``state_dict``; the graph's own parameters stay tied).
+
+    Every key stays, as in the model's state dict, but no two share memory: safetensors refuses shared tensors,
+    and Hugging Face's ``Trainer`` saves a model that is no ``PreTrainedModel`` with ``safetensors.save_file`` of
+    its state dict (the end-of-training checkpoint would fail). Loading the file back fills both keys.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        storage = (value.device, value.untyped_storage().data_ptr())
+        if storage in seen:
+            state_dict[key] = value.detach().clone()
+        else:
+            seen.add(storage)
+
+
+def install_call_check(gm: torch.fx.GraphModule, names: tuple[str, ...]) -> None:
+    """Make ``gm`` refuse a call with an input not in ``names`` (in place; see `check_call_inputs`)."""
+    gm.register_forward_pre_hook(functools.partial(check_call_inputs, names=names), with_kwargs=True)
+
+
+def check_call_inputs(
+    gm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, names: tuple[str, ...]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """A forward pre-hook: refuse an input the graph does not take (not in ``names``, the forward's parameters)
+    with `LNTuneTraceError` naming it and the inputs it takes, before the call (Python's own ``TypeError`` would
+    not say what to do). An input given as ``None`` that the graph does not take is dropped, as leaving it out
+    means the same."""
+    parameters = names
+    unknown = [name for name in kwargs if name not in parameters]
+    if not unknown:
+        return None
+    given = [name for name in unknown if kwargs[name] is not None]
+    if given:
+        raise LNTuneTraceError(
+            f"the graph takes no input {given[0]!r}{' (nor ' + repr(given[1:]) + ')' if given[1:] else ''}; it takes "
+            f"{list(parameters)} by keyword. Drop it, or capture with it in example_inputs if the model's forward "
+            "takes it."
+        )
+    return args, {name: value for name, value in kwargs.items() if name in parameters}
 
 
 def _spare_norms(model: nn.Module, taken: Sequence[str]) -> list[str]:

@@ -196,8 +196,9 @@ def _merged_copy(
         )
     state = gm.meta.get(META_KEY)
     if isinstance(state, LNTuneState):
-        input_names = list(state.input_names)
-        _check_names(example_inputs, input_names)
+        taken = list(state.input_names)
+        _check_names(example_inputs, taken, required=_required_names(gm))
+        input_names = [name for name in taken if name in example_inputs]
         # What the graph computes: the merged adapter when one is merged in place, else the active one.
         plain = merge_and_unload(_alias_copy(gm), state.merged_adapter)
     else:
@@ -206,8 +207,12 @@ def _merged_copy(
                 "this graph holds adapter-dispatch modules but no fx_lntune state; export the tuned graph that "
                 "lntune_transform returned, or the plain graph merge_and_unload returns."
             )
-        input_names = list(example_inputs)
-        _check_names(example_inputs, _forward_names(gm) or input_names)
+        forward_names = _forward_names(gm)
+        if forward_names:
+            _check_names(example_inputs, forward_names, required=_required_names(gm))
+            input_names = [name for name in forward_names if name in example_inputs]
+        else:
+            input_names = list(example_inputs)
         plain = _alias_copy(gm)
     for name in input_names:
         if not isinstance(example_inputs[name], torch.Tensor):
@@ -217,14 +222,23 @@ def _merged_copy(
     return plain, input_names
 
 
-def _check_names(example_inputs: Mapping[str, Any], expected: list[str]) -> None:
-    missing = [name for name in expected if name not in example_inputs]
+def _check_names(example_inputs: Mapping[str, Any], expected: list[str], required: list[str] | None = None) -> None:
+    """``example_inputs`` must hold every required input (all of ``expected`` unless ``required`` is given) and
+    nothing else; the optional inputs given are the ones the exported file takes."""
+    required = expected if required is None else required
+    missing = [name for name in required if name not in example_inputs]
     unknown = [name for name in example_inputs if name not in expected]
     if missing or unknown:
+        what = "exactly the graph's inputs" if required == expected else f"the graph's inputs {required}, and of"
         raise LNTuneExportError(
-            f"example_inputs must hold exactly the graph's inputs {expected}; missing {missing}, unknown {unknown}. "
+            f"example_inputs must hold {what} {expected}; missing {missing}, unknown {unknown}. "
             "Pass one batch of the inputs the graph was captured with."
         )
+
+
+def _required_names(gm: torch.fx.GraphModule) -> list[str]:
+    """The graph's inputs without a default (a placeholder's default is its first argument)."""
+    return [str(node.target) for node in gm.graph.nodes if node.op == "placeholder" and not node.args]
 
 
 def _forward_names(gm: torch.fx.GraphModule) -> list[str]:

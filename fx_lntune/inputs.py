@@ -1,13 +1,16 @@
 """Capture inputs: which keyword inputs a model takes, small dummy values for them, and their dynamic dims.
 
-Used by the capture front-ends when the user gives no `example_inputs`.
+Used by the capture front-ends when the user gives no `example_inputs`, and by `plan_inputs`, which decides the
+tuned graph's keyword interface (which inputs are optional, what they default to, which loss ``labels`` give).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +25,9 @@ __all__ = [
     "dynamic_shapes_for",
     "check_example_inputs",
     "check_dynamic_sizes",
+    "grow_size_one",
+    "InputPlan",
+    "plan_inputs",
 ]
 
 # Inputs shaped (batch, sequence, ...): both leading dims vary from call to call. Any name starting with
@@ -286,3 +292,221 @@ def check_dynamic_sizes(inputs: Mapping[str, Any]) -> None:
                     f"example_inputs[{name!r}] has {what} 1 (dim {dim}); torch.export would fix that dimension "
                     f"to 1 and the graph would accept no other size. Capture with a {what} of at least 2."
                 )
+
+
+def grow_size_one(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """``inputs`` with every dynamic dimension of size 1 doubled (the slice repeated), so that one example is
+    enough to capture a graph for any batch and length: `torch.export` would fix a size-1 dimension to 1.
+
+    A mask that grew and holds no padding gets its last position of the last row padded (see `_padded_mask`).
+    Returns new tensors where something grew; the caller's tensors are not changed.
+    """
+    grown: dict[str, Any] = {}
+    for name, dims in dynamic_shapes_for(inputs).items():
+        value = inputs[name]
+        changed = False
+        for dim in dims or {}:
+            if value.shape[dim] == 1:
+                value = torch.cat([value, value], dim=dim)
+                changed = True
+        if changed and (name in _MASK_INPUTS) and bool(value.bool().all()):
+            value = value.clone()
+            value[-1, -1] = 0
+        grown[name] = value
+    return grown
+
+
+@dataclass
+class InputPlan:
+    """The tuned graph's keyword interface, decided before capture (see `plan_inputs`).
+
+    - ``capture_inputs``: the values the front-end captures with (every input of the graph but ``labels``);
+    - ``signature``: the forward's parameters in order, those without a default first;
+    - ``defaults``: each optional input's default, ``(function in fx_lntune.graph_inputs, extra arguments)``,
+      ``"@name"`` naming another input (see `passes.keyword_inputs`);
+    - ``loss``: ``LOSS_MAPPING`` key and constants for ``labels``, or ``None`` when the graph takes no labels;
+    - ``output_class``: the model's output class, from an eager run (``None`` when unknown).
+    """
+
+    capture_inputs: dict[str, Any]
+    signature: list[str]
+    defaults: dict[str, tuple[str, tuple]] = dataclasses.field(default_factory=dict)
+    loss: dict[str, Any] | None = None
+    output_class: type | None = None
+
+
+# Inputs a model computes itself when left out, in the order their defaults are filled (later ones read earlier).
+_OPTIONAL_ORDER = ("decoder_input_ids", "attention_mask", "decoder_attention_mask", "token_type_ids", "position_ids")
+
+
+def plan_inputs(model: torch.nn.Module, example_inputs: Mapping[str, Any]) -> InputPlan:
+    """Decide the tuned graph's inputs for ``model`` captured from ``example_inputs`` (reads ``model`` only).
+
+    For a Hugging Face model the graph takes the example's inputs and, by keyword and optional, each of
+    ``attention_mask``, ``token_type_ids``, ``position_ids``, ``decoder_attention_mask`` that the forward takes
+    and whose default (ones, zeros, the position ids of `fx_lntune.graph_inputs.default_position_ids`) gives what
+    the model computes without it. That is checked by running the model eagerly on the example with and without
+    the input (two small forwards per input; skipped on the meta device, where only the masks are taken). With a
+    loss transformers knows for the class, ``labels`` too, and for encoder-decoders ``decoder_input_ids`` become
+    optional (the labels shifted by the model's own function). Example inputs of batch or length 1 are grown to 2
+    (`grow_size_one`). Any other module keeps exactly the example's inputs.
+    """
+    inputs = grow_size_one(example_inputs)
+    config = _hf_config(model)
+    if config is None:
+        return InputPlan(capture_inputs=inputs, signature=list(inputs))
+    parameters = list(inspect.signature(model.forward).parameters)
+    loss = _loss_spec(model, config) if "labels" in parameters else None
+    if loss is not None:  # computed after the captured code (`passes.model_loss`), so that labels are optional
+        inputs.pop("labels", None)
+    on_meta = any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
+
+    candidates: dict[str, list[tuple[str, tuple]]] = {}
+    if "input_ids" in inputs:
+        candidates["attention_mask"] = [("default_mask", ("@input_ids",))]
+        candidates["token_type_ids"] = [("default_token_type_ids", ("@input_ids",))]
+        rules = [("default_position_ids", ("@input_ids", "arange"))]
+        pad = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "pad_token_id", None)
+        if isinstance(pad, int):
+            rules.append(("default_position_ids", ("@input_ids", "padding_offset", pad)))
+        if "attention_mask" in inputs:
+            rules.append(("default_position_ids", ("@attention_mask", "mask_cumsum")))
+        candidates["position_ids"] = rules
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in inputs:
+        candidates["decoder_attention_mask"] = [("default_mask", ("@decoder_input_ids",))]
+    candidates = {name: rules for name, rules in candidates.items() if name in parameters}
+
+    checker = _DefaultChecker(model, inputs) if not on_meta else None
+    defaults: dict[str, tuple[str, tuple]] = {}
+    shift = _shift_spec(model, config) if loss is not None and "decoder_input_ids" in inputs else None
+    if shift is not None:
+        defaults["decoder_input_ids"] = ("default_decoder_input_ids", ("@labels", *shift))
+    for name, rules in candidates.items():
+        if checker is None:
+            chosen = rules[0] if name.endswith("attention_mask") else None
+        else:
+            chosen = next((rule for rule in rules if checker.reproduces(name, rule)), None)
+        if chosen is not None:
+            defaults[name] = chosen
+    defaults = {name: defaults[name] for name in _OPTIONAL_ORDER if name in defaults}
+
+    capture_inputs = dict(inputs)
+    for name, (function, extra) in defaults.items():
+        if name not in capture_inputs and name != "decoder_input_ids":
+            capture_inputs[name] = _capture_value(name, function, extra, capture_inputs)
+    names = [*capture_inputs, *(["labels"] if loss is not None else [])]
+    ordered = sorted(names, key=lambda name: parameters.index(name) if name in parameters else len(parameters))
+    required = [name for name in ordered if name not in defaults and name != "labels"]
+    signature = required + [name for name in ordered if name not in required]
+    output_class = checker.output_class if checker is not None else None
+    return InputPlan(capture_inputs, signature, defaults, loss, output_class)
+
+
+def _capture_value(name: str, function: str, extra: tuple, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The value an optional input is captured with: a padded mask (see `_padded_mask`), else its default."""
+    like = inputs[extra[0][1:]]
+    if function == "default_mask":
+        return _padded_mask(like.shape[0], like.shape[1]).to(like.device)
+    return _call_default(function, None, extra, inputs)
+
+
+def _call_default(function: str, value: Any, extra: tuple, inputs: Mapping[str, Any]) -> torch.Tensor:
+    from fx_lntune import graph_inputs
+
+    args = [inputs[arg[1:]] if isinstance(arg, str) and arg.startswith("@") else arg for arg in extra]
+    return getattr(graph_inputs, function)(value, *args)
+
+
+class _DefaultChecker:
+    """Runs ``model`` eagerly (evaluation mode, no cache, no grad) to check that a default reproduces what the
+    model computes when the input is left out."""
+
+    def __init__(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> None:
+        self.model = model
+        self.inputs = dict(inputs)
+        self._references: dict[str, Any] = {}
+        self.output_class: type | None = None
+        try:
+            outputs = self._run(self.inputs)
+        except Exception:  # noqa: BLE001 - the front-end reports capture problems with the model's own error
+            self.model = None
+            return
+        if isinstance(outputs, transformers.utils.ModelOutput):
+            self.output_class = type(outputs)
+
+    def _run(self, inputs: Mapping[str, Any]) -> Any:
+        from fx_lntune.capture._build import capture_mode
+
+        with capture_mode(self.model, training=False), torch.no_grad():
+            return self.model(**inputs)
+
+    def reproduces(self, name: str, rule: tuple[str, tuple]) -> bool:
+        if self.model is None:
+            return False
+        without = {key: value for key, value in self.inputs.items() if key != name}
+        function, extra = rule
+        if any(isinstance(arg, str) and arg.startswith("@") and arg[1:] not in without for arg in extra):
+            return False
+        try:
+            if name not in self._references:
+                self._references[name] = self._run(without)
+            value = _call_default(function, None, extra, without)
+            candidate = self._run({**without, name: value})
+        except Exception:  # noqa: BLE001 - a default the model cannot take is no default
+            return False
+        return _same_outputs(self._references[name], candidate)
+
+
+def _same_outputs(first: Any, second: Any) -> bool:
+    import torch.utils._pytree as pytree
+
+    a, b = pytree.tree_leaves(first), pytree.tree_leaves(second)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5):
+                return False
+    return True
+
+
+_CLASSIFICATION = ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification")
+
+
+def _loss_spec(model: torch.nn.Module, config: Any) -> dict[str, Any] | None:
+    """The ``LOSS_MAPPING`` key and constants of the loss ``model``'s forward computes from ``labels``.
+
+    The key follows transformers' own rule (the class name's task suffix, `PreTrainedModel.loss_function`), except
+    for encoder-decoder generation heads: T5, BART and Whisper compute an unshifted cross-entropy (the
+    ``ForMaskedLM`` loss) in their forward, not the causal one their suffix maps to. ``None`` for other heads.
+    """
+    name = type(model).__name__
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if name.endswith(_CLASSIFICATION):
+        return {
+            "loss_type": "ForSequenceClassification",
+            "num_labels": config.num_labels,
+            "problem_type": config.problem_type,
+        }
+    if name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) and not encoder_decoder:
+        return {"loss_type": "ForCausalLM", "vocab_size": text.vocab_size}
+    if name.endswith("ForConditionalGeneration") or name.endswith("ForMaskedLM"):
+        return {"loss_type": "ForMaskedLM", "vocab_size": text.vocab_size}
+    return None
+
+
+def _shift_spec(model: torch.nn.Module, config: Any) -> tuple[str, Any, Any] | None:
+    """How the model derives ``decoder_input_ids`` from ``labels``: its ``prepare_decoder_input_ids_from_labels``
+    (T5, BART), else its module's ``shift_tokens_right`` (Whisper), with the pad and decoder-start ids."""
+    import sys
+
+    cls = type(model)
+    ids = (config.pad_token_id, config.decoder_start_token_id)
+    if hasattr(cls, "prepare_decoder_input_ids_from_labels"):
+        return (f"{cls.__module__}:{cls.__qualname__}.prepare_decoder_input_ids_from_labels", *ids)
+    if hasattr(sys.modules.get(cls.__module__), "shift_tokens_right"):
+        return (f"{cls.__module__}:shift_tokens_right", *ids)
+    return None

@@ -82,7 +82,8 @@ def test_onnx_runs_in_onnxruntime_like_the_graph(arch, tmp_path):
 
     model = onnx.load(path)
     onnx.checker.check_model(model)
-    input_names = gm.meta[META_KEY].input_names
+    # The file takes the inputs given (in the graph's order); the graph's other inputs are optional.
+    input_names = [name for name in gm.meta[META_KEY].input_names if name in make_inputs(arch)]
     shapes = {
         value.name: [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
         for value in model.graph.input
@@ -112,7 +113,7 @@ def test_torchscript_runs_like_the_graph(arch, tmp_path):
     module = torch.jit.load(str(path))
     _check_against_graph(lambda inputs: module(**inputs), gm, arch)
     inputs = make_inputs(arch, **OTHER_SIZE)
-    positional = module(*(inputs[name] for name in gm.meta[META_KEY].input_names))
+    positional = module(*(inputs[name] for name in gm.meta[META_KEY].input_names if name in inputs))
     assert all(torch.equal(value, positional[key]) for key, value in module(**inputs).items())
 
 
@@ -179,8 +180,8 @@ def test_size_one_dynamic_axis_is_refused(fmt, size, words, tmp_path):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        (lambda inputs: inputs.pop("attention_mask"), r"missing \['attention_mask'\]"),
-        (lambda inputs: inputs.update(labels=inputs["input_ids"]), r"unknown \['labels'\]"),
+        (lambda inputs: inputs.pop("input_ids"), r"missing \['input_ids'\]"),
+        (lambda inputs: inputs.update(pixel_values=inputs["input_ids"]), r"unknown \['pixel_values'\]"),
         (lambda inputs: inputs.update(attention_mask=None), "must be a tensor"),
     ],
 )

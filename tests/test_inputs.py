@@ -145,3 +145,43 @@ def test_spec_captures_a_graph_that_takes_other_batch_and_length(arch):
     other = make_inputs(arch, batch=3, seq=5, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(**other).logits, model(**other).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("bert", {"attention_mask": "default_mask", "token_type_ids": "default_token_type_ids"}),
+        ("llama", {"position_ids": "arange"}),
+        ("roberta", {"position_ids": "padding_offset"}),  # RoBERTa counts positions after its padding id
+        ("opt", {"position_ids": "mask_cumsum"}),  # OPT's positions follow the attention mask
+        ("gpt2", {"token_type_ids": None}),  # GPT-2 adds no segment embedding without them: not reproducible
+        ("t5", {"decoder_input_ids": "default_decoder_input_ids", "decoder_attention_mask": "default_mask"}),
+        ("vit", {"attention_mask": None, "position_ids": None}),
+    ],
+)
+def test_plan_takes_each_optional_input_whose_default_reproduces_the_model(arch, expected):
+    from fx_lntune.inputs import plan_inputs
+
+    plan = plan_inputs(make_model(arch), make_inputs(arch))
+    for name, rule in expected.items():
+        if rule is None:
+            assert name not in plan.defaults and name not in plan.signature
+        else:
+            function, extra = plan.defaults[name]
+            assert rule == function or rule in extra, (name, plan.defaults[name])
+    assert "labels" in plan.signature and "labels" not in plan.capture_inputs
+    required = [name for name in plan.signature if name not in plan.defaults and name != "labels"]
+    assert plan.signature[: len(required)] == required
+
+
+def test_grow_size_one_doubles_size_one_dims_and_pads_a_grown_mask():
+    from fx_lntune.inputs import grow_size_one
+
+    inputs = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.tensor([[1]]), "pixel_values": torch.ones(1, 3)}
+    grown = grow_size_one(inputs)
+    assert grown["input_ids"].tolist() == [[5, 5], [5, 5]]
+    assert grown["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    assert grown["pixel_values"].shape == (2, 3)
+    assert inputs["attention_mask"].tolist() == [[1]]  # the caller's tensors are left as they were
+    big = {"input_ids": torch.ones(2, 4, dtype=torch.long)}
+    assert grow_size_one(big)["input_ids"] is big["input_ids"]

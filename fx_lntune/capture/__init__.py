@@ -19,6 +19,10 @@ import torch.nn as nn
 from fx_lntune.capture.export import capture_export
 from fx_lntune.capture.fx import capture_fx, capture_hf_fx, hf_fx_available
 from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.inputs import InputPlan
+from passes._runner import run_pass
+from passes.keyword_inputs import keyword_inputs, model_output_in_graph
+from passes.model_loss import add_model_loss
 
 __all__ = ["TRACERS", "capture", "hf_fx_available"]
 
@@ -33,24 +37,43 @@ def capture(
     example_inputs: Mapping[str, torch.Tensor],
     tracer: str = "auto",
     spare: Sequence[str] = (),
+    plan: InputPlan | None = None,
 ) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
 
     Every module in ``leaves`` must become a ``call_module`` node; those in ``spare`` (normalization modules no
-    adapter targets yet) do where the front-end can, so that a later adapter can target them. ``model`` is
-    not modified.
+    adapter targets yet) do where the front-end can, so that a later adapter can target them. With a ``plan``
+    (`fx_lntune.inputs.plan_inputs`) the capture uses its inputs and the graph gets its keyword interface:
+    optional inputs with the model's defaults and ``labels`` giving the model's loss. ``model`` is not modified.
     """
     if tracer not in TRACERS:
         raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
+    if plan is not None:
+        example_inputs = plan.capture_inputs
     if tracer != "auto":
-        return _FRONTENDS[tracer](model, leaves, example_inputs, spare), tracer
-    errors = []
-    for name in _auto_order(model):
-        try:
-            return _FRONTENDS[name](model, leaves, example_inputs, spare), name
-        except LNTuneTraceError as error:
-            errors.append(error)
-    raise LNTuneTraceError(" | ".join(str(error) for error in errors)) from errors[0]
+        gm, used = _FRONTENDS[tracer](model, leaves, example_inputs, spare), tracer
+    else:
+        errors = []
+        for name in _auto_order(model):
+            try:
+                gm, used = _FRONTENDS[name](model, leaves, example_inputs, spare), name
+                break
+            except LNTuneTraceError as error:
+                errors.append(error)
+        else:
+            raise LNTuneTraceError(" | ".join(str(error) for error in errors)) from errors[0]
+    if plan is not None:
+        _apply_plan(gm, plan)
+    return gm, used
+
+
+def _apply_plan(gm: torch.fx.GraphModule, plan: InputPlan) -> None:
+    if not plan.defaults and plan.loss is None and plan.signature == list(plan.capture_inputs):
+        return
+    run_pass(model_output_in_graph, gm, output_class=plan.output_class)
+    run_pass(keyword_inputs, gm, signature=plan.signature, defaults=plan.defaults)
+    if plan.loss is not None:
+        run_pass(add_model_loss, gm, **plan.loss)
 
 
 def _auto_order(model: nn.Module) -> list[str]:

@@ -30,6 +30,12 @@ class ReloadTracer(torch.fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def __init__(self) -> None:
+        from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
+
+        # The graph's default-filling and loss calls stay calls (run on proxies they would vanish).
+        super().__init__(autowrap_functions=GRAPH_FUNCTIONS)
+
 
 def alias_model(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters share storage with the model's (no data is copied).

@@ -10,7 +10,7 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
-from fx_lntune.inputs import check_dynamic_sizes, dynamic_shapes_for
+from fx_lntune.inputs import dynamic_shapes_for
 from passes._runner import run_pass
 from passes.device import follow_input_device
 from passes.dropout import fold_dropout
@@ -35,7 +35,6 @@ def capture_export(
     The model is captured in training mode, so that dropout appears in the graph, and falls back to evaluation
     mode where training-only code cannot be captured. Works on a copy: ``model`` is left as it was.
     """
-    check_dynamic_sizes(example_inputs)
     errors = []
     for training in (True, False):
         try:

@@ -1,0 +1,193 @@
+"""The functions a tuned graph's first and last nodes call: defaults for inputs left out, and the model's loss.
+
+`passes.keyword_inputs` and `passes.model_loss` insert ``call_function`` nodes targeting these functions. Every
+argument is a graph value or a plain constant (a string, an int, a tuple), so the graph's code stays printable,
+picklable and traceable by ``torch.export``. The model's own functions (its ``prepare_decoder_input_ids_from_labels``,
+transformers' ``LOSS_MAPPING``) are named by import path and resolved on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from fx_lntune.errors import LNTuneTraceError
+
+__all__ = [
+    "resolve",
+    "default_mask",
+    "default_token_type_ids",
+    "default_position_ids",
+    "default_decoder_input_ids",
+    "model_loss",
+    "check_labels",
+    "model_output",
+    "GRAPH_FUNCTIONS",
+]
+
+
+# Resolved once (when the pass inserts the node, or on first call); a plain dict, which torch.compile traces.
+_RESOLVED: dict[str, Any] = {}
+
+
+def resolve(path: str) -> Any:
+    """The object at ``"package.module:Qual.name"``."""
+    found = _RESOLVED.get(path)
+    if found is None:
+        module_name, _, qualname = path.partition(":")
+        found = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        _RESOLVED[path] = found
+    return found
+
+
+def _batch_and_length(like: torch.Tensor) -> tuple[int, int]:
+    return like.shape[0], like.shape[1]
+
+
+def default_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``mask``, or all ones (no padding, what the model assumes without a mask) shaped as ``like``'s first two dims."""
+    if mask is not None:
+        return mask
+    return torch.ones(_batch_and_length(like), dtype=torch.long, device=like.device)
+
+
+def default_token_type_ids(token_type_ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``token_type_ids``, or zeros (every token in segment 0, BERT's default) shaped as ``like``."""
+    if token_type_ids is not None:
+        return token_type_ids
+    return torch.zeros(_batch_and_length(like), dtype=torch.long, device=like.device)
+
+
+def default_position_ids(
+    position_ids: torch.Tensor | None, like: torch.Tensor, rule: str, padding_idx: int | None = None
+) -> torch.Tensor:
+    """``position_ids``, or what the model computes without them (the rule `fx_lntune.inputs` checked eagerly):
+
+    - ``"arange"``: ``0 .. n-1`` in every row (llama, gpt2, bert);
+    - ``"padding_offset"``: RoBERTa's ids from ``like`` = input_ids, counting non-padding tokens after
+      ``padding_idx`` (transformers' own ``create_position_ids_from_input_ids`` formula);
+    - ``"mask_cumsum"``: OPT's ids from ``like`` = the attention mask, ``cumsum(mask) * mask - 1``.
+    """
+    if position_ids is not None:
+        return position_ids
+    batch, length = _batch_and_length(like)
+    if rule == "arange":
+        return torch.arange(length, device=like.device).unsqueeze(0).expand(batch, length)
+    if rule == "padding_offset":
+        mask = like.ne(padding_idx).int()
+        return (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + padding_idx
+    if rule == "mask_cumsum":
+        return (torch.cumsum(like, dim=1) * like - 1).long()
+    raise ValueError(f"unknown position-id rule {rule!r}")
+
+
+def default_decoder_input_ids(
+    decoder_input_ids: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    shift: str,
+    pad_token_id: int | None,
+    decoder_start_token_id: int | None,
+) -> torch.Tensor:
+    """``decoder_input_ids``, or the labels shifted right by the model's own function, as its forward does.
+
+    ``shift`` is ``"module:Class.prepare_decoder_input_ids_from_labels"`` (called on a stand-in holding the two
+    token ids as its config) or ``"module:shift_tokens_right"`` (called with them). Neither given: an error, as
+    the model raises one.
+    """
+    if decoder_input_ids is not None:
+        return decoder_input_ids
+    if labels is None:
+        raise LNTuneTraceError(
+            "this encoder-decoder graph needs decoder_input_ids, or labels to derive them from (shifted right, as "
+            "the model does); pass one of them."
+        )
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 2:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise LNTuneTraceError(
+            f"labels of shape {shape} cannot give decoder_input_ids: pass labels of shape (batch, target length), "
+            "token ids with -100 where no loss is wanted."
+        )
+    function = resolve(shift)
+    if shift.endswith(".prepare_decoder_input_ids_from_labels"):
+        model_class = resolve(shift.rpartition(".")[0])
+        return function(_StandIn(model_class, pad_token_id, decoder_start_token_id), labels)
+    return function(labels, pad_token_id, decoder_start_token_id)
+
+
+class _StandIn:
+    """What a model method reading ``self.config`` and the class's other methods (T5's ``_shift_right``) sees."""
+
+    def __init__(self, model_class: type, pad_token_id: int | None, decoder_start_token_id: int | None) -> None:
+        self.config = SimpleNamespace(pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id)
+        self._model_class = model_class
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model_class, name).__get__(self)
+
+
+_LOSS_MAPPING = "transformers.loss.loss_utils:LOSS_MAPPING"
+
+
+def check_labels(logits: torch.Tensor, labels: torch.Tensor, loss_type: str, num_labels: int | None = None) -> None:
+    """Refuse labels whose shape the model's loss cannot take, before anything is computed."""
+    if not isinstance(labels, torch.Tensor):
+        raise LNTuneTraceError(f"labels must be a tensor, got {type(labels).__name__}.")
+    if loss_type == "ForSequenceClassification":
+        ok = labels.ndim >= 1 and labels.shape[0] == logits.shape[0] and labels.ndim <= 2
+        ok = ok and (labels.ndim == 1 or labels.shape[1] in (1, num_labels))
+        expected = f"({logits.shape[0]},) class ids, or ({logits.shape[0]}, {num_labels}) for multi-label/regression"
+    else:
+        ok = tuple(labels.shape) == tuple(logits.shape[:2])
+        expected = f"{tuple(logits.shape[:2])} token ids (batch, sequence), -100 where no loss is wanted"
+    if not ok:
+        raise LNTuneTraceError(
+            f"labels of shape {tuple(labels.shape)} do not fit the model's {loss_type} loss over logits of shape "
+            f"{tuple(logits.shape)}: pass labels of shape {expected}."
+        )
+
+
+def model_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    loss_type: str,
+    vocab_size: int | None = None,
+    num_labels: int | None = None,
+    problem_type: str | None = None,
+) -> torch.Tensor | None:
+    """The model's own loss for ``labels`` (``None`` without labels): transformers' ``LOSS_MAPPING[loss_type]``.
+
+    ``ForCausalLM`` shifts the labels; ``ForMaskedLM`` does not (what T5, BART and Whisper compute in their
+    forward); ``ForSequenceClassification`` decides regression / single- / multi-label from ``num_labels``,
+    ``problem_type`` and the labels' dtype, as the model does.
+    """
+    if labels is None:
+        return None
+    check_labels(logits, labels, loss_type, num_labels)
+    function = resolve(_LOSS_MAPPING)[loss_type]
+    if loss_type == "ForSequenceClassification":
+        # HF's function reads (and on first use sets) config.problem_type: give it a stand-in, per call.
+        config = SimpleNamespace(num_labels=num_labels, problem_type=problem_type)
+        return function(labels, logits, config)
+    return function(logits, labels, vocab_size)
+
+
+def model_output(output_class: str, **fields: Any) -> Any:
+    """The model's output object (``"module:Class"``, a transformers ``ModelOutput``) holding ``fields``; fields
+    that are ``None`` (``loss`` without labels) are left out, as the model leaves them out."""
+    return resolve(output_class)(**fields)
+
+
+# Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
+GRAPH_FUNCTIONS = (
+    default_mask,
+    default_token_type_ids,
+    default_position_ids,
+    default_decoder_input_ids,
+    model_loss,
+    model_output,
+)
