@@ -50,8 +50,10 @@ def test_converted_after_capture_equals_the_converted_model(arch):
     for name, convert, dtype in CONVERSIONS:
         ours, theirs = _run(convert(gm), inputs, dtype), _run(convert(model), inputs, dtype)
         assert ours.dtype == dtype, name
-        # The dtype's own tolerance; in practice equal bit for bit (the same ops in the same dtypes).
-        torch.testing.assert_close(ours, theirs, msg=lambda text, name=name: f"after {name}: {text}")
+        # The dtype's own tolerance (in practice equal bit for bit: the same ops in the same dtypes); in fp32 the
+        # capture's own difference to the eager model (the coverage table's "err"; 2e-5 for gemma2 on transformers 4).
+        tolerance = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}
+        torch.testing.assert_close(ours, theirs, **tolerance, msg=lambda text, name=name: f"after {name}: {text}")
 
 
 def test_adapters_merge_and_pickle_follow_the_new_dtype():
