@@ -20,7 +20,7 @@ from fx_lntune.config import (
     resolve_targets,
 )
 from fx_lntune.dispatch import LNTuningDispatch
-from fx_lntune.errors import LNTuneAdapterError, LNTuneTraceError
+from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceError
 from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
@@ -33,6 +33,7 @@ __all__ = [
     "get_nb_trainable_parameters",
     "print_trainable_parameters",
     "active_adapter",
+    "active_adapters",
     "list_adapters",
     "check_adapter_name",
     "apply_selection",
@@ -47,6 +48,7 @@ def lntune_transform(
     tracer: str = "auto",
     input_names: Sequence[str] | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` as a ``torch.fx.GraphModule`` and give it the LN-tuning adapter ``adapter_name``.
 
@@ -61,19 +63,33 @@ def lntune_transform(
     inputs its forward takes that users pass (the example's, plus those of `fx_lntune.inputs.plan_inputs`:
     masks, ``token_type_ids``, ``position_ids``, ``decoder_*``, optional with the model's defaults) and ``labels``,
     which put the model's own loss first in its output. An input it does not take raises `LNTuneTraceError`.
+    A plain module captured with ``tracer="fx"`` needs no ``example_inputs``: symbolic tracing takes the
+    forward's parameters as they are.
+
+    ``config`` may be a dict ``{adapter_name: config}``: each adapter is added in order and the first is active
+    (``adapter_name`` is then unused). ``low_cpu_mem_usage`` is accepted for PEFT's signature and, as in PEFT's
+    LN tuning, changes nothing: the adapter copies are made from the base weights either way.
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
             f"lntune_transform needs a torch.nn.Module, got {type(model).__name__}; pass the model itself."
         )
-    config = as_config(config)
-    check_adapter_name(adapter_name, existing=())
+    check_low_cpu_mem_usage(low_cpu_mem_usage)
+    configs = _named_configs(config, adapter_name)
+    for name in configs:
+        check_adapter_name(name, existing=())
+    adapter_name, config = next(iter(configs.items()))
     targets = resolve_targets(model, config)
     saved = resolve_modules_to_save(model, config)
-    inputs = _example_inputs(model, input_names, example_inputs)
+    others: list[str] = []
+    for other in list(configs.values())[1:]:
+        others += [
+            p for p in [*resolve_targets(model, other), *resolve_modules_to_save(model, other)] if p not in others
+        ]
+    inputs = _example_inputs(model, input_names, example_inputs, tracer)
     plan = plan_inputs(model, inputs)
 
-    leaves = [*targets, *saved]
+    leaves = [*targets, *saved, *(path for path in others if path not in targets and path not in saved)]
     gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
@@ -97,6 +113,11 @@ def lntune_transform(
     gm._register_deepcopy_hook(functools.partial(install_call_check, names=names))
     gm.register_state_dict_post_hook(untie_state_dict)
     apply_selection(gm)
+    if len(configs) > 1:
+        from fx_lntune.adapters import add_adapter  # adapters.py builds on this module
+
+        for name, other in list(configs.items())[1:]:
+            add_adapter(gm, name, other)
     guard_meta_weights(gm)
     return gm
 
@@ -146,6 +167,30 @@ def check_call_inputs(
     return args, {name: value for name, value in kwargs.items() if name in parameters}
 
 
+def check_low_cpu_mem_usage(low_cpu_mem_usage: Any) -> None:
+    """PEFT's ``low_cpu_mem_usage`` flag: a bool, with no effect on LN tuning (as in PEFT)."""
+    if not isinstance(low_cpu_mem_usage, bool):
+        raise LNTuneConfigError(
+            f"low_cpu_mem_usage must be True or False, got {type(low_cpu_mem_usage).__name__} {low_cpu_mem_usage!r}."
+        )
+
+
+def _named_configs(config: Any, adapter_name: str) -> dict[str, LNTuningConfig]:
+    """``{adapter name: config}`` from one config, or from a dict of configs (PEFT's ``peft_config`` form)."""
+    if isinstance(config, Mapping) and config and all(_is_config(value) for value in config.values()):
+        if adapter_name != "default":
+            raise LNTuneConfigError(
+                f"adapter_name={adapter_name!r} together with a dict of configs: the dict's keys name the adapters "
+                "(the first is active); drop adapter_name."
+            )
+        return {name: as_config(value) for name, value in config.items()}
+    return {adapter_name: as_config(config)}
+
+
+def _is_config(value: Any) -> bool:
+    return isinstance(value, LNTuningConfig) or type(value).__name__.endswith("Config")
+
+
 def _spare_norms(model: nn.Module, taken: Sequence[str]) -> list[str]:
     """Normalization modules with weights that no adapter targets yet, outside the taken modules: captured as
     leaves too, so that a later adapter can target them without a new capture."""
@@ -161,7 +206,10 @@ def _spare_norms(model: nn.Module, taken: Sequence[str]) -> list[str]:
 
 
 def _example_inputs(
-    model: nn.Module, input_names: Sequence[str] | None, example_inputs: Mapping[str, torch.Tensor] | None
+    model: nn.Module,
+    input_names: Sequence[str] | None,
+    example_inputs: Mapping[str, torch.Tensor] | None,
+    tracer: str = "auto",
 ) -> dict[str, torch.Tensor]:
     if example_inputs is not None:
         if not isinstance(example_inputs, Mapping) or not all(isinstance(key, str) for key in example_inputs):
@@ -173,6 +221,8 @@ def _example_inputs(
         return dict(example_inputs)
     names = list(input_names) if input_names is not None else default_input_names(model)
     check_example_inputs(model, dict.fromkeys(names), source="input_names")
+    if tracer == "fx" and getattr(model, "config", None) is None:
+        return dict.fromkeys(names)  # symbolic tracing needs the names only
     return make_dummy_inputs(model, names)
 
 
@@ -212,7 +262,11 @@ def apply_selection(gm: torch.fx.GraphModule) -> None:
     state = get_state(gm)
     merged = state.merged_adapter
     route = merged if merged is not None else state.active_adapter
-    trainable = not state.configs[state.active_adapter].inference_mode and not state.disabled and merged is None
+    active = state.active_adapter
+    frozen = state.inference_mode
+    if frozen is None:
+        frozen = active is None or state.configs[active].inference_mode
+    trainable = not frozen and not state.disabled and merged is None
     for module in dispatch_modules(gm).values():
         module.select(route, disabled=state.disabled)
         module.set_trainable(state.active_adapter, trainable)
@@ -224,9 +278,17 @@ def targeted_module_names(gm: torch.fx.GraphModule) -> list[str]:
     return [name for name, module in dispatch_modules(gm).items() if isinstance(module, LNTuningDispatch)]
 
 
-def active_adapter(gm: torch.fx.GraphModule) -> str:
-    """The name of the adapter ``gm``'s forward uses."""
+def active_adapter(gm: torch.fx.GraphModule) -> str | None:
+    """The name of the adapter ``gm``'s forward uses; ``None`` once the last adapter is deleted (the graph then
+    computes the base model)."""
     return get_state(gm).active_adapter
+
+
+def active_adapters(gm: torch.fx.GraphModule) -> list[str]:
+    """PEFT's ``active_adapters``: ``[active_adapter(gm)]``, or ``[]`` once the last adapter is deleted. LN tuning
+    runs one adapter at a time, so the list never holds more."""
+    active = get_state(gm).active_adapter
+    return [] if active is None else [active]
 
 
 def list_adapters(gm: torch.fx.GraphModule) -> list[str]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 import enum
+import json
+import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -71,7 +74,18 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # PEFT's TaskType values: PEFT refuses any other task_type when it reads our adapter_config.json.
 _TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # Keys PEFT's LNTuningConfig writes that describe the checkpoint rather than the tuning: read and ignored.
-_PEFT_ONLY_KEYS = frozenset({"peft_type", "base_model_name_or_path", "revision", "auto_mapping", "peft_version"})
+_PEFT_ONLY_KEYS = frozenset({"peft_version"})
+_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "inference_mode",
+    "task_type",
+    "peft_type",
+    "base_model_name_or_path",
+    "revision",
+    "auto_mapping",
+)
 # PEFT only parses peft_version for OFT configs; any string is accepted for LN tuning.
 _PEFT_VERSION_TAG = "fx-lntune"
 _MAX_LISTED_NAMES = 20
@@ -105,6 +119,12 @@ class LNTuningConfig:
             a module is picked if its name ends with an entry (see :func:`resolve_modules_to_save`).
         inference_mode: when true nothing requires grad.
         task_type: one of PEFT's task types (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ...) or ``None``.
+        peft_type: PEFT's base field, always ``"LN_TUNING"`` (a ``peft.PeftType`` is accepted); another method's
+            type is refused.
+        base_model_name_or_path, revision, auto_mapping: PEFT's base fields describing the checkpoint (the Hub id
+            or directory of the base model, its revision, and how ``AutoPeftModel`` finds the model class). They
+            are kept and written to ``adapter_config.json``, and do not take part in ``==`` (two configs that tune
+            the same way are equal, whichever checkpoint they name).
 
     A tuple is turned into a list and a set into a sorted list. Invalid values raise
     :class:`~fx_lntune.errors.LNTuneConfigError` on creation.
@@ -115,6 +135,10 @@ class LNTuningConfig:
     modules_to_save: list[str] | None = None
     inference_mode: bool = False
     task_type: str | None = None
+    peft_type: str = _PEFT_TYPE
+    base_model_name_or_path: str | None = field(default=None, compare=False)
+    revision: str | None = field(default=None, compare=False)
+    auto_mapping: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.target_modules = _check_patterns("target_modules", self.target_modules)
@@ -126,14 +150,26 @@ class LNTuningConfig:
                 f"{self.inference_mode!r}."
             )
         self.task_type = _check_task_type(self.task_type)
-
-    @property
-    def peft_type(self) -> str:
-        """PEFT's name for this method, ``"LN_TUNING"``."""
-        return _PEFT_TYPE
+        if self.peft_type is not None and _plain(self.peft_type) != _PEFT_TYPE:
+            raise LNTuneConfigError(
+                f"This config is for PEFT method {_plain(self.peft_type)!r}, not {_PEFT_TYPE!r}: fx-lntune only "
+                "loads LayerNorm tuning adapters. Load it with peft instead."
+            )
+        self.peft_type = _PEFT_TYPE
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise LNTuneConfigError(f"{name} must be a string or None, got {type(value).__name__} {value!r}.")
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, Mapping):
+            raise LNTuneConfigError(
+                "auto_mapping must be None or a dict such as {'base_model_class': 'LlamaForCausalLM', "
+                "'parent_library': 'transformers.models.llama.modeling_llama'}, "
+                f"got {type(self.auto_mapping).__name__}."
+            )
+        self.auto_mapping = dict(self.auto_mapping) if self.auto_mapping is not None else None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict of the fields (plus ``peft_type``); the config is not changed."""
+        """Return a JSON-serialisable dict of every field; the config is not changed."""
         return {
             "peft_type": _PEFT_TYPE,
             "target_modules": _copy_patterns(self.target_modules),
@@ -141,6 +177,9 @@ class LNTuningConfig:
             "modules_to_save": _copy_patterns(self.modules_to_save),
             "inference_mode": self.inference_mode,
             "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": self.revision,
+            "auto_mapping": dict(self.auto_mapping) if self.auto_mapping is not None else None,
         }
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -150,7 +189,8 @@ class LNTuningConfig:
         read back by ``peft.PeftConfig.from_pretrained``. ``peft_version`` is ``"fx-lntune"``: PEFT does not
         check it for LN tuning. When ``target_modules`` is ``None`` PEFT resolves it again on load and refuses
         architectures it does not know, so a saver should first put the resolved names in
-        (``dataclasses.replace(config, target_modules=resolve_targets(model, config))``).
+        (``dataclasses.replace(config, target_modules=resolve_targets(model, config))``). The config's own
+        ``base_model_name_or_path``, ``revision`` and ``auto_mapping`` win over the argument and ``None``.
         The config is not changed.
         """
         if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
@@ -158,13 +198,15 @@ class LNTuningConfig:
                 "base_model_name_or_path must be a string (a Hub id or a directory) or None, got "
                 f"{type(base_model_name_or_path).__name__}."
             )
+        if self.base_model_name_or_path is not None:
+            base_model_name_or_path = self.base_model_name_or_path
         return {
             "task_type": self.task_type,
             "peft_type": _PEFT_TYPE,
-            "auto_mapping": None,
+            "auto_mapping": dict(self.auto_mapping) if self.auto_mapping is not None else None,
             "peft_version": _PEFT_VERSION_TAG,
             "base_model_name_or_path": base_model_name_or_path,
-            "revision": None,
+            "revision": self.revision,
             "inference_mode": self.inference_mode,
             "target_modules": _copy_patterns(self.target_modules),
             "exclude_modules": _copy_patterns(self.exclude_modules),
@@ -175,9 +217,9 @@ class LNTuningConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LNTuningConfig:
         """Build a config from :meth:`to_dict` output or from the dict in a PEFT ``adapter_config.json``.
 
-        Keys PEFT writes that do not affect tuning (``peft_type``, ``base_model_name_or_path``, ``revision``,
-        ``auto_mapping``, ``peft_version``) are ignored; any other unknown key, or a ``peft_type`` other
-        than ``"LN_TUNING"``, raises :class:`~fx_lntune.errors.LNTuneConfigError`.
+        Keys this version does not know (a newer PEFT's, ``peft_version``) are ignored with a warning that names
+        them, as PEFT does, so that an adapter saved by a later PEFT loads. A wrong value, or a ``peft_type``
+        other than ``"LN_TUNING"``, raises :class:`~fx_lntune.errors.LNTuneConfigError`.
         """
         if not isinstance(data, Mapping):
             raise LNTuneConfigError(
@@ -190,16 +232,43 @@ class LNTuningConfig:
                 f"This config is for PEFT method {_plain(peft_type)!r}, not {_PEFT_TYPE!r}: fx-lntune only "
                 "loads LayerNorm tuning adapters. Load it with peft instead."
             )
-        known = {"target_modules", "exclude_modules", "modules_to_save", "inference_mode", "task_type"}
-        unknown = sorted(set(data) - known - _PEFT_ONLY_KEYS)
+        unknown = sorted(set(data) - set(_FIELDS) - _PEFT_ONLY_KEYS)
         if unknown:
             version = data.get("peft_version")
             written = f" (it says peft_version {version!r}: a newer PEFT may have added them)" if version else ""
-            raise LNTuneConfigError(
-                f"Unknown LN tuning config key(s) {unknown}: neither fx-lntune nor PEFT's LNTuningConfig "
-                f"has them{written}. Remove them; the known keys are {sorted(known | _PEFT_ONLY_KEYS)}."
+            warnings.warn(
+                f"Ignoring LN tuning config key(s) {unknown} that neither this fx-lntune nor PEFT's LNTuningConfig "
+                f"knows{written}; the config is loaded without them.",
+                UserWarning,
+                stacklevel=2,
             )
-        return cls(**{key: data[key] for key in known if key in data})
+        return cls(**{key: data[key] for key in _FIELDS if key in data})
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike) -> dict[str, Any]:
+        """The JSON object in ``path_json_file`` (an ``adapter_config.json``), as PEFT's ``from_json_file`` returns
+        it: a dict, to pass to :meth:`from_dict`. PEFT's ``runtime_config`` key is dropped with a warning.
+
+        Raises:
+            LNTuneConfigError: the file is missing, not JSON, or not a JSON object.
+        """
+        try:
+            with open(path_json_file, encoding="utf-8") as file:
+                data = json.load(file)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LNTuneConfigError(
+                f"cannot read {path_json_file} as JSON ({exc}); pass an adapter_config.json."
+            ) from exc
+        if not isinstance(data, dict):
+            raise LNTuneConfigError(f"{path_json_file} holds a JSON {type(data).__name__}, not an object (a config).")
+        if "runtime_config" in data:
+            warnings.warn(
+                f"{path_json_file} has a 'runtime_config' key; it is ignored (runtime settings are not saved).",
+                UserWarning,
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
 
 
 def as_config(config: Any) -> LNTuningConfig:
@@ -217,6 +286,9 @@ def as_config(config: Any) -> LNTuningConfig:
             modules_to_save=getattr(config, "modules_to_save", None),
             inference_mode=getattr(config, "inference_mode", False),
             task_type=getattr(config, "task_type", None),
+            base_model_name_or_path=getattr(config, "base_model_name_or_path", None),
+            revision=getattr(config, "revision", None),
+            auto_mapping=getattr(config, "auto_mapping", None),
         )
     hint = " Use LNTuningConfig.from_dict(...) for a dict." if isinstance(config, Mapping) else ""
     raise LNTuneConfigError(

@@ -88,6 +88,10 @@ class AdapterDispatch(nn.Module):
         """The module the model had here, whatever is merged."""
         return self.copies[self.merged_adapter] if self.merged_adapter is not None else self.base
 
+    def get_base_layer(self) -> nn.Module:
+        """PEFT's name for `original`: the module the model had here (with its base weights, also while merged)."""
+        return self.original()
+
     def select(self, adapter_name: str | None, *, disabled: bool = False) -> None:
         """Point forward at the right child: the merged base when merged, the original when disabled, the
         active adapter's copy when this module has one, else the base (an adapter need not target every
@@ -116,6 +120,33 @@ class LNTuningDispatch(AdapterDispatch):
 
     base_name = "base_layer"
     copies_name = "ln_tuning_layers"
+
+    @property
+    def in_features(self) -> int | None:
+        """As on PEFT's ``LNTuningLayer``: the base module's input size where PEFT reads one (a ``Linear``'s
+        ``in_features``, a convolution's ``in_channels``, an ``Embedding``'s ``num_embeddings``), else ``None``
+        (every normalization module)."""
+        return _in_out_features(self.original())[0]
+
+    @property
+    def out_features(self) -> int | None:
+        """As on PEFT's ``LNTuningLayer``: the base module's output size, or ``None`` (see `in_features`)."""
+        return _in_out_features(self.original())[1]
+
+
+def _in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
+    """The sizes PEFT's ``LNTuningLayer`` records for a base module (PEFT's ``_get_in_out_features`` rules for the
+    module kinds LN tuning meets; ``None`` for the others, norms included)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # transformers' GPT-2 Conv1D
+        rows, columns = module.weight.shape
+        return rows, columns
+    return None, None
 
 
 class ModulesToSaveDispatch(AdapterDispatch):

@@ -27,17 +27,26 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modules
-from fx_lntune.api import check_adapter_name
-from fx_lntune.config import DEFAULT_TARGET_MODULES, LNTuningConfig
+from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modules, resolved_config
+from fx_lntune.api import check_adapter_name, check_low_cpu_mem_usage
+from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
-__all__ = ["read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME", "save_adapter", "load_adapter", "apply_to_model"]
+__all__ = [
+    "read_adapter_config",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CARD_NAME",
+    "save_adapter",
+    "load_adapter",
+    "apply_to_model",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+CARD_NAME = "README.md"
 # PEFT's keys start with the PeftModel's path to the model; ln_tuning_layers is PEFT's slot for tuned copies.
 _KEY_PREFIX = "base_model.model."
 _TUNED_SLOT = "ln_tuning_layers"
@@ -47,12 +56,22 @@ _SHOWN_KEYS = 3
 _SAFETENSORS_ERRORS = (safetensors.SafetensorError, OSError, ValueError, RuntimeError, TypeError)
 
 
-def save_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+def save_adapter(
+    gm: torch.fx.GraphModule,
+    directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    model_card: bool = True,
+) -> None:
     """Write adapter ``adapter_name`` (default: the active one) to ``directory`` as PEFT does for LN tuning.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (creating ``directory`` if needed) with PEFT's
     keys, the adapter's own dtypes and values, so ``peft.PeftModel.from_pretrained(base_model, directory)`` and
     `load_adapter` both load it. Unlike PEFT, the files go into ``directory`` itself whatever the adapter's name.
+    With ``model_card`` (the default) a ``README.md`` model card is written beside them as PEFT writes it (front
+    matter ``library_name: peft``, ``base_model``, ``tags`` with ``base_model:adapter:<model>`` and
+    ``transformers``, ``pipeline_tag: text-generation`` for ``task_type="CAUSAL_LM"``); an existing ``README.md``
+    keeps its text and gets those fields, as PEFT updates it.
 
     - A merged adapter is saved with its own (tuned) weights, not the base weights its copy slot holds while merged.
     - ``target_modules=None`` is written resolved: PEFT's default list for the model type, or the adapter's module
@@ -60,7 +79,7 @@ def save_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter
     - ``inference_mode`` is the config's own value (PEFT writes ``true`` and ignores it on load), so the config
       round-trips through the file; ``auto_mapping`` is PEFT's when the model is a ``transformers`` class.
 
-    Atomic: both files are written to temporary files in ``directory`` and then renamed over the old ones; on any
+    Atomic: all files are written to temporary files in ``directory`` and then renamed over the old ones; on any
     failure the previous files are put back and no temporary file is left. ``gm`` is not changed.
 
     Raises:
@@ -73,16 +92,20 @@ def save_adapter(gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise LNTuneStateError(f"{directory} is a file; save_adapter writes two files into a directory: pass one.")
+    if not isinstance(model_card, bool):
+        raise LNTuneStateError(f"model_card must be True or False, got {type(model_card).__name__} {model_card!r}.")
     tensors = {key: _detached_copy(value) for key, value in _adapter_tensors(gm, adapter_name)}
-    text = json.dumps(_peft_config_dict(gm, state, adapter_name), indent=2, sort_keys=True)
+    data = _peft_config_dict(gm, state, adapter_name)
+    text = json.dumps(data, indent=2, sort_keys=True)
+    writers: dict[str, Callable[[Path], None]] = {
+        WEIGHTS_NAME: lambda path: safetensors.torch.save_file(tensors, str(path), metadata=_METADATA),
+        CONFIG_NAME: lambda path: path.write_text(text, encoding="utf-8"),
+    }
+    if model_card:
+        card = _model_card(gm, state, data, directory / CARD_NAME)
+        writers[CARD_NAME] = lambda path: path.write_text(card, encoding="utf-8")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        directory,
-        {
-            WEIGHTS_NAME: lambda path: safetensors.torch.save_file(tensors, str(path), metadata=_METADATA),
-            CONFIG_NAME: lambda path: path.write_text(text, encoding="utf-8"),
-        },
-    )
+    _write_atomically(directory, writers)
 
 
 def load_adapter(
@@ -91,6 +114,7 @@ def load_adapter(
     adapter_name: str = "default",
     *,
     is_trainable: bool | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> None:
     """Add the adapter saved in ``directory`` (by `save_adapter` or ``PeftModel.save_pretrained``) as ``adapter_name``.
 
@@ -101,7 +125,9 @@ def load_adapter(
     is read, never a pickle (``adapter_model.bin``).
 
     ``is_trainable`` overrides the file's ``inference_mode`` (PEFT always writes ``true``): ``True`` loads an
-    adapter to train further, ``False`` a frozen one; ``None`` keeps what the file says.
+    adapter to train further, ``False`` a frozen one; ``None`` keeps what the file says. Config keys this version
+    does not know (a newer PEFT's) are ignored with a warning naming them. ``low_cpu_mem_usage`` is PEFT's flag and
+    changes nothing for LN tuning.
 
     Everything is checked before the graph is touched; on any error the graph (adapters, code, state dict,
     outputs) is unchanged.
@@ -109,11 +135,12 @@ def load_adapter(
     Raises:
         LNTuneAdapterError: ``adapter_name`` is invalid or exists already.
         LNTuneStateError: a file is missing, corrupt or truncated; the safetensors header is inconsistent; the
-            config is not LN tuning, has unknown fields or targets nothing here (another architecture); the weights
+            config is not LN tuning, has a wrong value or targets nothing here (another architecture); the weights
             have keys this graph has no place for, lack keys, or have wrong shapes or dtypes. The message names the
             file and the key.
     """
     state = get_state(gm)
+    check_low_cpu_mem_usage(low_cpu_mem_usage)
     check_adapter_name(adapter_name, existing=list(state.configs))
     directory = Path(directory)
     if not directory.is_dir():
@@ -217,15 +244,48 @@ def _detached_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _peft_config_dict(gm: torch.fx.GraphModule, state: LNTuneState, adapter_name: str) -> dict[str, Any]:
-    config = state.configs[adapter_name]
-    if config.target_modules is None:
-        default = DEFAULT_TARGET_MODULES.get(state.model_type) if state.model_type else None
-        paths = [path for path, module in dispatch_modules(gm).items() if isinstance(module, LNTuningDispatch)]
-        tuned = [path for path in paths if adapter_name in gm.get_submodule(path).copies]
-        config = dataclasses.replace(config, target_modules=list(default) if default is not None else tuned)
+    config = resolved_config(gm, adapter_name)
     data = config.to_peft_dict(state.base_model_name_or_path)
-    data["auto_mapping"] = _auto_mapping(state.model_class) if config.task_type is None else None
+    if config.auto_mapping is None:
+        data["auto_mapping"] = _auto_mapping(state.model_class) if config.task_type is None else None
     return data
+
+
+def _model_card(gm: torch.fx.GraphModule, state: LNTuneState, data: dict[str, Any], existing: Path) -> str:
+    """The ``README.md`` PEFT's ``save_pretrained`` writes for this adapter (its metadata rules), as text."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard.load(existing) if existing.is_file() else ModelCard.from_template(ModelCardData())
+    card.data["library_name"] = "peft"
+    hf_config = getattr(gm, "config", None)
+    tags = set(card.data.get("tags") or [])
+    if hf_config is not None:  # a transformers model: PEFT tags it and names its base model
+        name = getattr(hf_config, "_name_or_path", "") or ""
+        tags |= {"transformers", f"base_model:adapter:{name}"}
+        card.data["base_model"] = name
+    if tags:
+        card.data["tags"] = sorted(tags)
+    if not card.data.get("pipeline_tag") and data.get("task_type") == "CAUSAL_LM":
+        card.data["pipeline_tag"] = "text-generation"
+    lines = card.text.splitlines()
+    version = f"- fx-lntune {_version()} (PEFT's LN-tuning format)"
+    if version not in lines:
+        heading = "### Framework versions"
+        if heading in lines:
+            lines.insert(lines.index(heading) + 2, version)
+        else:
+            lines.append(f"{heading}\n\n{version}")
+    card.text = "\n".join(lines)
+    return str(card)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fx-lntune")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _auto_mapping(model_class: str | None) -> dict[str, str] | None:

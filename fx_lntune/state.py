@@ -25,7 +25,9 @@ class LNTuneState:
     """The graph-level adapter state; per-module state lives in the dispatch modules.
 
     - ``configs``: each adapter's config, in the order the adapters were added;
-    - ``active_adapter``: the adapter forward uses;
+    - ``active_adapter``: the adapter forward uses (``None`` once the last adapter is deleted: the base model);
+    - ``inference_mode``: ``set_adapter``'s ``inference_mode`` for the active adapter, or ``None`` while its
+      config's ``inference_mode`` decides whether it trains;
     - ``disabled``: inside `disable_adapters`;
     - ``merged_adapter``: the adapter merged into the base weights, if any;
     - ``tracer``: the front-end that captured the graph; ``model_type``, ``base_model_name_or_path`` and
@@ -33,7 +35,7 @@ class LNTuneState:
     """
 
     configs: dict[str, LNTuningConfig]
-    active_adapter: str
+    active_adapter: str | None
     tracer: str
     input_names: list[str]
     model_type: str | None = None
@@ -42,6 +44,7 @@ class LNTuneState:
     merged_adapter: str | None = None
     model_class: str | None = None
     extra: dict = field(default_factory=dict)
+    inference_mode: bool | None = None
 
 
 def attach_state(gm: torch.fx.GraphModule, state: LNTuneState) -> None:

@@ -2,6 +2,7 @@
 
 from passes.device import follow_input_device
 from passes.dropout import fold_dropout
+from passes.dtype import follow_weight_dtype
 from passes.fold import fold_module_calls
 from passes.inject import inject_adapters
 from passes.merge import merge_adapters, unmerge_adapters
@@ -10,6 +11,7 @@ from passes.unload import unload_adapters
 __all__ = [
     "follow_input_device",
     "fold_dropout",
+    "follow_weight_dtype",
     "fold_module_calls",
     "inject_adapters",
     "merge_adapters",

@@ -258,7 +258,6 @@ BAD_INPUT = [
     ("add-slash", None, lambda gm: fl.add_adapter(gm, "a/b"), "'/'"),
     ("add-dotdot", None, lambda gm: fl.add_adapter(gm, ".."), r"'\.\.'"),
     ("add-existing", None, lambda gm: fl.add_adapter(gm, "default"), "already exists"),
-    ("delete-only", None, lambda gm: fl.delete_adapter(gm, "default"), "only adapter"),
     ("delete-merged", _merge_other, lambda gm: fl.delete_adapter(gm, "default"), "unmerge"),
     ("set-unknown-merged", _merge_other, lambda gm: fl.set_adapter(gm, "nope"), r"'nope'.*default, other"),
 ]

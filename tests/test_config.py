@@ -227,7 +227,7 @@ def test_normalisation_and_round_trip():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"target_modules": ["norm"], "r": 8}, r"key\(s\) \['r'\]"),
+        ({"target_modules": 5, "r": 8}, "target_modules must be"),  # an unknown key only warns (test_peft_api.py)
         ({"peft_type": "LORA"}, "'LORA'"),
         ([], "dict"),
     ],

@@ -20,11 +20,11 @@ from models import make_inputs, make_model
 from test_adapters import PREFIX, _assert_unchanged, _outputs, _perturb, _snapshot
 
 import fx_lntune as fl
-from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME
+from fx_lntune.persistence import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from fx_lntune.state import get_state
 
 ARCHS = ["llama", "gpt2", "bart", "t5"]
-FILES = sorted([CONFIG_NAME, WEIGHTS_NAME])
+FILES = sorted([CARD_NAME, CONFIG_NAME, WEIGHTS_NAME])  # the model card too, as PEFT writes it
 OTHER_SHAPE = {"batch": 3, "seq": 5, "seed": 1}
 # PEFT writes its version and always inference_mode=true (it ignores both on load); we write our tag and the
 # config's own inference_mode so that the config round-trips.
@@ -215,7 +215,7 @@ def test_dtype_follows_the_graph(tmp_path):
     assert all(value.dtype == torch.bfloat16 for value in _read(tmp_path / "bf16")[1].values())
 
 
-def test_save_twice_leaves_the_two_files(tmp_path):
+def test_save_twice_leaves_the_three_files(tmp_path):
     _, gm = _perturbed("llama")
     fl.save_adapter(gm, tmp_path)
     _perturb(gm, fl.targeted_module_names(gm), "default", seed=5)
@@ -401,12 +401,6 @@ def _case_other_peft_type(tmp_path):
     return directory
 
 
-def _case_unknown_field(tmp_path):
-    directory = _saved(tmp_path)
-    _reconfig(directory, lambda data: data.update(layer_norm_scaling=2))
-    return directory
-
-
 def _case_other_architecture(tmp_path):
     return _saved(tmp_path, "gpt2")
 
@@ -440,7 +434,6 @@ STATE_ERRORS = [
     ("corrupt-config", _case_corrupt_config, r"adapter_config\.json is not readable JSON"),
     ("no-peft-type", _case_no_peft_type, r"adapter_config\.json is not a PEFT adapter config.*peft_type"),
     ("other-peft-type", _case_other_peft_type, r"adapter_config\.json: .*'LORA'"),
-    ("unknown-field", _case_unknown_field, r"adapter_config\.json: .*'layer_norm_scaling'"),
     ("other-architecture", _case_other_architecture, r"adapter_config\.json does not fit this graph.*ln_1"),
     ("config-weights-mismatch", _case_config_not_matching_weights, r"holds 3 tensor.*post_attention_layernorm"),
     ("target-not-in-graph", _case_target_not_in_graph, r"adapter_config\.json does not fit.*'lm_head'.*graph leaves"),

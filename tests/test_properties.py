@@ -386,11 +386,6 @@ class AdapterMachine(RuleBasedStateMachine):
     def refuse_deleting_merged(self) -> None:
         self._refused(fl.LNTuneAdapterError, fl.delete_adapter, self.merged)
 
-    @precondition(lambda self: len(self.adapters) == 1)
-    @rule()
-    def refuse_deleting_only(self) -> None:
-        self._refused(fl.LNTuneAdapterError, fl.delete_adapter, self.active)
-
     # ---- invariants, after every step ---------------------------------------------------------------------
 
     @invariant()

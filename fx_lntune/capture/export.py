@@ -14,6 +14,7 @@ from fx_lntune.inputs import dynamic_shapes_for
 from passes._runner import run_pass
 from passes.device import follow_input_device
 from passes.dropout import fold_dropout
+from passes.dtype import follow_weight_dtype
 from passes.fold import fold_module_calls
 
 __all__ = ["capture_export"]
@@ -78,6 +79,7 @@ def capture_export(
     gm = run_pass(fold_module_calls, gm, paths=[*leaves, *spare, *dropouts], required=leaves)
     gm = run_pass(fold_dropout, gm, cleanup=True)
     gm = run_pass(follow_input_device, gm)
+    gm = run_pass(follow_weight_dtype, gm)
     gm.train(model.training)
     return gm
 
