@@ -256,21 +256,17 @@ class Decoder:
         class_name = type(shell).__name__ + "".join(part.title() for part in name.split("_"))
         if name in ("step", "step_positions"):
             mask = torch.ones(batch, past_length + sequence, dtype=torch.long, device=device)
-            kwargs, dims = {}, [{0: dyn, 1: dyn}, {0: dyn, 1: dyn}, past_dims]
+            args = (ids, mask, past)
             if name == "step_positions":
-                kwargs["position_ids"] = torch.arange(past_length, past_length + sequence, device=device).expand(
-                    batch, -1
-                )
-                dims.append({0: dyn, 1: dyn})
-            dynamic = {"input_ids": dims[0], "attention_mask": dims[1], "past": dims[2]}
-            if kwargs:
-                dynamic["position_ids"] = dims[3]
-            return capture_step(shell, causal_step(shell, last_only=True), (ids, mask, past), kwargs, dynamic, class_name)
+                args += (torch.arange(past_length, past_length + sequence, device=device).expand(batch, -1),)
+            dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "past": past_dims}
+            dynamic["position_ids"] = {0: dyn, 1: dyn}
+            return capture_step(shell, causal_step(shell, last_only=True), args, dynamic, class_name)
         mask = torch.ones(batch, sequence + 1, dtype=torch.long, device=device)
         if name == "encoder":
             ids = torch.full((batch, sequence + 1), 3, dtype=torch.long, device=device)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
-            return capture_step(shell, encoder_forward(shell), (ids, mask), {}, dynamic, class_name)
+            return capture_step(shell, encoder_forward(shell), (ids, mask), dynamic, class_name)
         hidden = torch.zeros(batch, sequence + 1, shell.config.d_model, dtype=layout.dtype, device=device)
         dynamic = {
             "decoder_input_ids": {0: dyn, 1: dyn},
@@ -278,15 +274,16 @@ class Decoder:
             "attention_mask": {0: dyn, 1: dyn},
             "past": past_dims,
         }
-        kwargs = {}
+        args = (ids, hidden, mask, past)
         if name == "decoder_next":
-            kwargs["cross"] = tuple(
+            cross = tuple(
                 torch.zeros(batch, heads, sequence + 1, dim, dtype=layout.dtype, device=device)
                 for heads, dim in layout.cross_attention
                 for _ in range(2)
             )
-            dynamic["cross"] = tuple({0: dyn, 2: dyn} for _ in kwargs["cross"])
-        return capture_step(shell, seq2seq_step(shell), (ids, hidden, mask, past), kwargs, dynamic, class_name)
+            args += (cross,)
+            dynamic["cross"] = tuple({0: dyn, 2: dyn} for _ in cross)
+        return capture_step(shell, seq2seq_step(shell), args, dynamic, class_name)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutput
@@ -322,7 +319,7 @@ class Decoder:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
             past = past or self.layout.empty_past(ids.shape[0], ids.device)
             if cross:
-                outputs = self.graph("decoder_next")(ids, hidden, mask, past, cross=cross)
+                outputs = self.graph("decoder_next")(ids, hidden, mask, past, cross)
             else:
                 outputs = self.graph("decoder_first")(ids, hidden, mask, past)
             count = len(past)
@@ -338,6 +335,6 @@ class Decoder:
         if positions is None:
             outputs = self.graph("step")(ids, mask, past)
         else:
-            outputs = self.graph("step_positions")(ids, mask, past, position_ids=positions)
+            outputs = self.graph("step_positions")(ids, mask, past, positions)
         write_cache(cache, outputs[1:])
         return CausalLMOutputWithPast(logits=outputs[0], **{self.cache_name: cache})

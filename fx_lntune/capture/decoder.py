@@ -191,17 +191,17 @@ def _logits_kwargs(shell: nn.Module, last_only: bool) -> dict[str, Any]:
 
 
 def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The decoder step of a causal LM as a function of tensors (see the module docstring); ``last_only``: logits
+    """The decoder step of a causal LM as a function of a model shell and tensors (see the module docstring); ``last_only``: logits
     of the last position only (what generation reads), where the model can skip the others."""
     forward = type(shell).forward
     name = cache_name(shell)
     extra = _logits_kwargs(shell, last_only)
 
-    def step(input_ids, attention_mask, past, position_ids=None):
+    def step(model, input_ids, attention_mask, past, position_ids=None):
         cache = _new_cache(past, None, encoder_decoder=False)
         inputs = {"position_ids": position_ids} if position_ids is not None else {}
         out = forward(
-            shell, input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
+            model, input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
             **{name: cache}, **inputs, **extra,
         )  # fmt: skip
         present, _ = read_cache(out[name] if name in out else cache)
@@ -211,11 +211,10 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
 
 
 def encoder_forward(shell: nn.Module) -> Callable[..., torch.Tensor]:
-    """An encoder-decoder's encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
-    encoder = shell.get_encoder()
+    """An encoder-decoder's encoder: ``(shell, input_ids, attention_mask) -> last_hidden_state``."""
 
-    def encode(input_ids, attention_mask):
-        return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)["last_hidden_state"]
+    def encode(model, input_ids, attention_mask):
+        return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)["last_hidden_state"]
 
     return encode
 
@@ -227,10 +226,10 @@ def seq2seq_step(shell: nn.Module) -> Callable[..., tuple[torch.Tensor, ...]]:
     forward = type(shell).forward
     name = cache_name(shell)
 
-    def step(decoder_input_ids, encoder_hidden_states, attention_mask, past, cross=None):
+    def step(model, decoder_input_ids, encoder_hidden_states, attention_mask, past, cross=None):
         cache = _new_cache(past, cross, encoder_decoder=True)
         out = forward(
-            shell, decoder_input_ids=decoder_input_ids, attention_mask=attention_mask, use_cache=True,
+            model, decoder_input_ids=decoder_input_ids, attention_mask=attention_mask, use_cache=True,
             encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states), return_dict=True,
             **{name: cache},
         )  # fmt: skip
@@ -240,32 +239,48 @@ def seq2seq_step(shell: nn.Module) -> Callable[..., tuple[torch.Tensor, ...]]:
     return step
 
 
+class _Traced(nn.Module):
+    """``function(model, *args, **kwargs)`` as a module holding ``model`` at ``model``: export then reaches every
+    submodule through attribute access from the root and records its full path (a module captured by a closure
+    gets paths relative to itself)."""
+
+    def __init__(self, model: nn.Module, function: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "function", function)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.model, *args, **kwargs)
+
+
 def capture_step(
     shell: nn.Module,
     function: Callable[..., Any],
     args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    dynamic_shapes: Any,
+    dynamic_shapes: Mapping[str, Any],
     class_name: str,
 ) -> torch.fx.GraphModule:
-    """``function`` (over ``shell``) captured with ``torch.export`` at ``args``/``kwargs`` as a plain
-    ``GraphModule`` over ``shell``'s parameters, whose dispatch modules are ``call_module`` nodes again.
+    """``function(shell, *args)`` captured with ``torch.export`` as a plain ``GraphModule`` whose
+    ``model`` submodule is ``shell``'s state (shared), with every dispatch module a ``call_module`` node again.
+    ``dynamic_shapes`` maps each of ``function``'s tensor arguments by name to its dynamic dims.
 
     Shape guards are dropped (like the main capture does), so the graph also runs where a dynamic size is 0 or 1
     (a prefill's empty past, a one-token step). ``shell``'s modules keep their train/eval modes.
+
+    Raises:
+        LNTuneGenerationError: a dispatch module's call could not be folded back into one node (the step would
+            then not follow adapter switches).
     """
-    paths = list(dispatch_modules(shell))
+    root = _Traced(shell, function)
+    paths = [f"model.{path}" for path in dispatch_modules(shell)]
     modes = [(module, module.training) for module in shell.modules()]
-    previous = shell.__dict__.get("forward")  # generate's own override, when a step is captured mid-generation
     try:
         for module, _ in modes:
             module.training = False
-        shell.forward = function
-        program = torch.export.export(shell, args, dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
+        names = list(inspect.signature(function).parameters)[1 : 1 + len(args)]
+        dims = {"args": tuple(dynamic_shapes[name] for name in names)}
+        program = torch.export.export(root, args, dynamic_shapes=dims, strict=False)
     finally:
-        del shell.forward
-        if previous is not None:
-            shell.forward = previous
         for module, mode in modes:
             module.training = mode
     unlifted = program.module()
@@ -275,6 +290,17 @@ def capture_step(
                 if node.target in _CHECK_OPS or (node.op == "call_module" and node.target == "_guards_fn"):
                     module.graph.erase_node(node)
             module.recompile()
-    gm = build_graph_module(shell, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
+    gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
     gm = run_pass(fold_module_calls, gm, paths=paths)
+    inside = tuple(f"{path}." for path in paths)
+    unfolded = sorted(
+        str(node.target)
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and node.users and str(node.target).startswith(inside)
+    )
+    if unfolded:
+        raise LNTuneGenerationError(
+            f"capturing the {class_name} step left {unfolded[:3]} outside their module's call, so the step would "
+            "not follow adapter switches; generate with the model's own generate after apply_to_model instead."
+        )
     return run_pass(follow_input_device, gm)
