@@ -45,6 +45,8 @@ __all__ = [
     "causal_step",
     "encoder_forward",
     "seq2seq_step",
+    "DecoderWithPast",
+    "decoder_with_past",
 ]
 
 # The key of `LNTuneState.extra` that lntune_transform fills for a model that can generate.
@@ -304,3 +306,63 @@ def capture_step(
             "not follow adapter switches; generate with the model's own generate after apply_to_model instead."
         )
     return run_pass(follow_input_device, gm)
+
+
+@dataclass
+class DecoderWithPast:
+    """A causal LM's decoder step in optimum's layout, ready for an exporter: ``module(*args)`` returns
+    ``(logits, present.0.key, present.0.value, ...)``; names and dynamic axes per flat input and output."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple[Any, ...]
+
+
+def decoder_with_past(
+    gm: torch.fx.GraphModule, state: LNTuneState, example_inputs: Mapping[str, torch.Tensor], layout: CacheLayout
+) -> DecoderWithPast:
+    """What ``gm`` computes now (each dispatch module's current route: the active, merged or base module) as one
+    decoder step with the cache as tensors: inputs ``input_ids``, ``attention_mask`` (past + new positions),
+    ``position_ids`` where the model takes them, ``past_key_values.{i}.key/value`` (batch, kv_heads,
+    past_length, head_dim); outputs ``logits`` and ``present.{i}.key/value``. Example past has length 2.
+    Shares ``gm``'s tensors; ``gm`` is not changed."""
+    shell = model_shell(gm, state)
+    for path, module in dispatch_modules(shell).items():
+        parent, _, name = path.rpartition(".")
+        shell.get_submodule(parent)._modules[name] = module._route
+    positions = "position_ids" in inspect.signature(type(shell).forward).parameters
+    step = causal_step(shell, last_only=False)
+    ids, mask = example_inputs["input_ids"], example_inputs.get("attention_mask")
+    batch, past_length = ids.shape[0], 2
+    mask = torch.ones_like(ids) if mask is None else mask
+    mask = torch.cat([torch.ones(batch, past_length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    past = tuple(
+        torch.zeros(batch, heads, past_length, dim, dtype=layout.dtype, device=ids.device)
+        for heads, dim in layout.self_attention
+        for _ in range(2)
+    )
+    layers = len(layout.self_attention)
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past_axes = tuple({0: "batch_size", 2: "past_sequence_length"} for _ in past)
+    token_axes = {0: "batch_size", 1: "sequence_length"}
+    mask_axes = {0: "batch_size", 1: "total_sequence_length"}
+    if positions:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+
+        def function(model, input_ids, attention_mask, position_ids, past):
+            return step(model, input_ids, attention_mask, past, position_ids)
+
+        args = (ids, mask, position_ids, past)
+        names = ["input_ids", "attention_mask", "position_ids"]
+        dynamic = (token_axes, mask_axes, token_axes, past_axes)
+    else:
+
+        def function(model, input_ids, attention_mask, past):
+            return step(model, input_ids, attention_mask, past)
+
+        args, names, dynamic = (ids, mask, past), ["input_ids", "attention_mask"], (token_axes, mask_axes, past_axes)
+    outputs = ["logits", *(f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))]
+    module = _Traced(shell, function)  # shell is in eval mode; the shared norms keep gm's mode
+    return DecoderWithPast(module, args, [*names, *past_names], outputs, dynamic)
