@@ -98,14 +98,14 @@ def generate(
             argument is unknown or not supported.
     """
     state = get_state(gm)
-    decoder = decoder_for(gm, state)
-    _check_arguments(kwargs, decoder)
+    _check_can_generate(gm, state)
+    _check_arguments(kwargs, encoder_decoder=bool(gm.config.is_encoder_decoder))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise LNTuneGenerationError(
             f"generate needs input_ids, a 2-D tensor of token ids (batch, sequence); got "
             f"{type(input_ids).__name__ if not isinstance(input_ids, torch.Tensor) else tuple(input_ids.shape)}."
         )
-    return decoder.generate(input_ids, attention_mask, generation_config, kwargs)
+    return decoder_for(gm, state).generate(input_ids, attention_mask, generation_config, kwargs)
 
 
 # One Decoder per tuned graph, dropped with the graph; a copy of the graph captures its own.
@@ -147,21 +147,26 @@ def _check_can_generate(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
 
 
 def _signature(gm: torch.fx.GraphModule) -> tuple:
-    modules = tuple((path, id(module)) for path, module in dispatch_modules(gm).items())
+    """What the shell and step graphs hold of ``gm``: its dispatch modules (which route to adapters themselves,
+    so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device."""
+    dispatch = dispatch_modules(gm)
+    inside = tuple(f"{path}." for path in dispatch)
     tensors = tuple(
-        (name, id(tensor), tensor.dtype, tensor.device) for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]
+        (name, id(tensor), tensor.dtype, tensor.device)
+        for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]
+        if not name.startswith(inside)
     )
-    return modules, tensors
+    return tuple((path, id(module)) for path, module in dispatch.items()), tensors
 
 
-def _check_arguments(kwargs: Mapping[str, Any], decoder: Decoder) -> None:
+def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool) -> None:
     from transformers import GenerationConfig
 
     for name, reason in _REFUSED.items():
         if name in kwargs and kwargs[name] not in (None, False) and not (name == "use_cache" and kwargs[name]):
             raise LNTuneGenerationError(f"generate argument {name}={kwargs[name]!r} is not supported: {reason}.")
     known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS | set(_REFUSED)
-    if decoder.encoder_decoder:
+    if encoder_decoder:
         known.add("decoder_input_ids")
     unknown = [name for name in kwargs if name not in known]
     if unknown:
