@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import peft
 import pytest
@@ -46,12 +47,27 @@ def _prompt(arch: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
-def test_greedy_tokens_equal_peft_for_adapters_merged_and_disabled(arch):
+@functools.cache
+def _tuned(arch: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """One capture per architecture for this module, with two perturbed adapters: its step graphs are captured
+    once and reused by every test (each starts from `tuned`, which resets the adapter state)."""
     model, gm = captured(arch)
     fl.add_adapter(gm, "other")
     _perturb(gm, "default", seed=1)
     _perturb(gm, "other", seed=2)
+    return model, gm
+
+
+def tuned(arch: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    model, gm = _tuned(arch)
+    if fl.active_adapter(gm) != "default":
+        fl.set_adapter(gm, "default")
+    return model, gm
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_greedy_tokens_equal_peft_for_adapters_merged_and_disabled(arch):
+    model, gm = tuned(arch)
     twin = _peft_twin(model, gm)
     prompt = _prompt(arch)
     greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -66,8 +82,10 @@ def test_greedy_tokens_equal_peft_for_adapters_merged_and_disabled(arch):
     assert torch.equal(other, twin.generate(**prompt, **greedy))
 
     fl.merge_adapter(gm, "other")
-    assert torch.equal(fl.generate(gm, **prompt, **greedy), other)
-    fl.unmerge_adapter(gm)
+    try:
+        assert torch.equal(fl.generate(gm, **prompt, **greedy), other)
+    finally:
+        fl.unmerge_adapter(gm)
 
     with fl.disable_adapters(gm):
         base = fl.generate(gm, **prompt, **greedy)
@@ -78,8 +96,7 @@ def test_greedy_tokens_equal_peft_for_adapters_merged_and_disabled(arch):
 
 
 def test_returns_prompt_and_new_tokens_and_stops_at_eos():
-    model, gm = captured("llama")
-    _perturb(gm, "default", seed=1)
+    model, gm = tuned("llama")
     ids = _prompt("llama")["input_ids"][1:]
     torch.manual_seed(0)
     sampled = fl.generate(gm, ids, do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS)
@@ -98,10 +115,10 @@ def test_returns_prompt_and_new_tokens_and_stops_at_eos():
 
 
 def test_decoding_computes_the_prompt_once():
-    _, gm = captured("gpt2")
+    _, gm = tuned("gpt2")
     prompt = _prompt("gpt2")
     fl.generate(gm, **prompt, max_new_tokens=1)  # captures the step graph
-    (name, graph), *_ = decoder_for(gm).graphs.items()
+    (graph,) = decoder_for(gm).graphs.values()
     calls = []
     forward = graph.forward
 
@@ -110,25 +127,30 @@ def test_decoding_computes_the_prompt_once():
         return forward(input_ids, attention_mask, past, *rest)
 
     graph.forward = counting
-    fl.generate(gm, **prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    try:
+        fl.generate(gm, **prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    finally:
+        del graph.forward
     prompt_length = prompt["input_ids"].shape[1]
     assert calls == [(prompt_length, 0)] + [(1, prompt_length + step) for step in range(NEW_TOKENS - 1)]
 
 
-def test_generation_config_default_and_override():
-    _, gm = captured("llama")
-    ids = _prompt("llama")["input_ids"]
-    config = copy.deepcopy(gm.config)  # the model's own generation_config is kept in the graph's state
-    assert fl.generate(gm, ids, max_new_tokens=2).shape[1] == ids.shape[1] + 2
+def test_model_generation_config_is_the_default_and_can_be_overridden():
     from transformers import GenerationConfig
 
-    out = fl.generate(gm, ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0))
+    model, gm = tuned("llama")
+    twin = _peft_twin(model, gm)
+    ids = _prompt("llama")["input_ids"]
+    # No arguments: the model's own generation_config (greedy, max_length 20, its eos/pad ids), kept at capture.
+    assert torch.equal(fl.generate(gm, ids), twin.generate(input_ids=ids))
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, repetition_penalty=1.5)
+    out = fl.generate(gm, ids, generation_config=config)
     assert out.shape[1] == ids.shape[1] + 3
-    assert gm.config.to_dict() == config.to_dict()
+    assert torch.equal(out, twin.generate(input_ids=ids, generation_config=config))
 
 
 def test_unknown_and_unsupported_arguments_are_refused():
-    _, gm = captured("gpt2")
+    _, gm = tuned("gpt2")
     ids = _prompt("gpt2")["input_ids"]
     with pytest.raises(fl.LNTuneGenerationError, match="did you mean 'max_new_tokens'"):
         fl.generate(gm, ids, max_new_token=3)
