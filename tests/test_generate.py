@@ -1,4 +1,4 @@
-"""fl.generate: Hugging Face generate semantics with a KV cache, against PEFT's generate for the same adapter weights."""
+"""fl.generate: Hugging Face generate semantics with a KV cache, against PEFT's generate for the same adapters."""
 
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ def test_returns_prompt_and_new_tokens_and_stops_at_eos():
     assert sampled.shape == (1, ids.shape[1] + NEW_TOKENS) and torch.equal(sampled[:, : ids.shape[1]], ids)
     torch.manual_seed(0)
     twin = _peft_twin(model, gm)
-    assert torch.equal(twin.generate(ids, do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS), sampled)
+    sampling = dict(do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(twin.generate(ids, **sampling), sampled)
 
     new = sampled[0, ids.shape[1] :].tolist()
     eos = new[2]

@@ -1,4 +1,4 @@
-"""export_onnx(kv_cache=True): a decoder with past in optimum's layout, whose greedy loop in onnxruntime is fl.generate."""
+"""export_onnx(kv_cache=True): a decoder with past in optimum's layout; its onnxruntime greedy loop is fl.generate."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _greedy_loop(session, ids: np.ndarray, layers: list[tuple[int, int]], steps:
     batch = ids.shape[0]
     past = {
         name: np.zeros((batch, heads, 0, dim), np.float32)
-        for name, (heads, dim) in zip(past_names, [shape for shape in layers for _ in range(2)])
+        for name, (heads, dim) in zip(past_names, [shape for shape in layers for _ in range(2)], strict=True)
     }
     sequence, current = ids, ids
     for _ in range(steps):
@@ -42,7 +42,7 @@ def _greedy_loop(session, ids: np.ndarray, layers: list[tuple[int, int]], steps:
             feed["position_ids"] = np.broadcast_to(np.arange(start, sequence.shape[1]), current.shape).astype(np.int64)
         logits, *present = session.run(None, feed)
         current = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        past = dict(zip(past_names, present))
+        past = dict(zip(past_names, present, strict=True))
         sequence = np.concatenate([sequence, current], axis=1)
     return sequence
 

@@ -193,8 +193,8 @@ def _logits_kwargs(shell: nn.Module, last_only: bool) -> dict[str, Any]:
 
 
 def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
-    """The decoder step of a causal LM as a function of a model shell and tensors (see the module docstring); ``last_only``: logits
-    of the last position only (what generation reads), where the model can skip the others."""
+    """The decoder step of a causal LM as a function of a model shell and tensors (see the module docstring);
+    ``last_only``: logits of the last position only (what generation reads), where the model can skip the others."""
     forward = type(shell).forward
     name = cache_name(shell)
     extra = _logits_kwargs(shell, last_only)
@@ -216,7 +216,8 @@ def encoder_forward(shell: nn.Module) -> Callable[..., torch.Tensor]:
     """An encoder-decoder's encoder: ``(shell, input_ids, attention_mask) -> last_hidden_state``."""
 
     def encode(model, input_ids, attention_mask):
-        return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)["last_hidden_state"]
+        outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return outputs["last_hidden_state"]
 
     return encode
 
