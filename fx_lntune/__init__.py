@@ -30,9 +30,11 @@ from fx_lntune.errors import (
     LNTuneConfigError,
     LNTuneError,
     LNTuneExportError,
+    LNTuneGenerationError,
     LNTuneStateError,
     LNTuneTraceError,
 )
+from fx_lntune.generation import generate
 from fx_lntune.materialize import materialize
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 from fx_lntune.visualize import visualize_graph
@@ -47,6 +49,7 @@ __all__ = [
     "LNTuneAdapterError",
     "LNTuneStateError",
     "LNTuneExportError",
+    "LNTuneGenerationError",
     "lntune_transform",
     "targeted_module_names",
     "get_nb_trainable_parameters",
@@ -73,4 +76,5 @@ __all__ = [
     "export_torchscript",
     "export_onnx",
     "export_program",
+    "generate",
 ]

@@ -22,6 +22,7 @@ from fx_lntune.config import (
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceError
 from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
+from fx_lntune.generation import generation_state
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
@@ -101,6 +102,7 @@ def lntune_transform(
         model_type=getattr(hf_config, "model_type", None),
         base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
         model_class=type(model).__name__,
+        extra=generation_state(model),
     )
     attach_state(gm, state)
     if hf_config is not None:

@@ -70,8 +70,19 @@ def export_torchscript(
     return Path(path)
 
 
-def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]) -> Path:
+def export_onnx(
+    gm: torch.fx.GraphModule,
+    path: str | os.PathLike,
+    example_inputs: Mapping[str, torch.Tensor],
+    kv_cache: bool = False,
+) -> Path:
     """Write an ONNX model of ``gm``'s merged active adapter to ``path``; return the path.
+
+    With ``kv_cache=True`` (a causal LM's tuned graph) the file is a decoder with past in optimum's layout, for
+    a generation loop: inputs ``input_ids``, ``attention_mask`` (past and new positions), ``position_ids`` where
+    the model takes them, ``past_key_values.{i}.key/value`` (batch, kv_heads, past_length, head_dim; length 0
+    on the first call); outputs ``logits`` and ``present.{i}.key/value`` (past and new). It computes what the
+    graph computes now (the merged adapter, else the active one; the base inside `disable_adapters`).
 
     Uses the exporter PyTorch recommends (``torch.onnx.export(..., dynamo=True)``, built on `torch.export`).
     The model's inputs carry the graph's input names and its outputs the model's output names; the batch
@@ -80,6 +91,8 @@ def export_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike, example_input
     Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
     """
     onnx = _import_onnx()
+    if kv_cache:
+        return _export_onnx_decoder(gm, path, example_inputs, onnx)
     deployable = _prepare(gm, example_inputs)
     with _staged(path) as staging, _as_export_error("ONNX export"), warnings.catch_warnings():
         # Inputs sharing an axis (input_ids and attention_mask) name it once; torch.onnx warns about the other.
@@ -115,6 +128,53 @@ def export_program(
     with _staged(path) as staging, _as_export_error("torch.export"):
         torch.export.save(_exported(deployable), str(staging))
     return Path(path)
+
+
+def _export_onnx_decoder(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor], onnx: Any
+) -> Path:
+    decoder = _decoder_with_past(gm, example_inputs)
+    with _staged(path) as staging, _as_export_error("ONNX export of the decoder with past"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+        with torch.no_grad():
+            program = torch.onnx.export(
+                decoder.module,
+                decoder.args,
+                dynamo=True,
+                input_names=decoder.input_names,
+                output_names=decoder.output_names,
+                dynamic_shapes={"args": decoder.dynamic_shapes},
+                verbose=False,
+            )
+        program.save(str(staging), external_data=_initializer_bytes(program) >= 2**31 - 2**26)
+        onnx.checker.check_model(str(staging))
+    return Path(path)
+
+
+def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
+    """The decoder step of `capture.decoder.decoder_with_past` for a tuned causal LM; clear errors otherwise."""
+    from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
+    from fx_lntune.generation import decoder_for
+
+    state = gm.meta.get(META_KEY) if isinstance(gm, torch.fx.GraphModule) else None
+    if not isinstance(state, LNTuneState):
+        raise LNTuneExportError(
+            "kv_cache=True needs the tuned graph lntune_transform returned (it rebuilds the decoder step from the "
+            "model's config); merge in place with merge_adapter instead of merge_and_unload."
+        )
+    config = getattr(gm, "config", None)
+    if GENERATION_KEY not in state.extra or config is None or getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal language model"
+        raise LNTuneExportError(
+            f"kv_cache=True writes a decoder with past for a causal LM, but {state.model_class or 'this model'} is "
+            f"{kind}; export it without kv_cache."
+        )
+    if not isinstance(example_inputs, Mapping) or not isinstance(example_inputs.get("input_ids"), torch.Tensor):
+        raise LNTuneExportError(
+            "kv_cache=True needs example_inputs with 'input_ids' (and 'attention_mask'): one batch of prompts."
+        )
+    layout = decoder_for(gm, state).layout
+    return decoder_with_past(gm, state, example_inputs, layout)
 
 
 @dataclass

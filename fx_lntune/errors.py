@@ -9,6 +9,7 @@ __all__ = [
     "LNTuneAdapterError",
     "LNTuneStateError",
     "LNTuneExportError",
+    "LNTuneGenerationError",
 ]
 
 
@@ -37,3 +38,7 @@ class LNTuneStateError(LNTuneError, ValueError):
 
 class LNTuneExportError(LNTuneError, RuntimeError):
     """A tuned graph could not be exported to the requested format."""
+
+
+class LNTuneGenerationError(LNTuneError, ValueError):
+    """Text generation was asked of a graph that cannot generate, or with arguments it cannot take."""

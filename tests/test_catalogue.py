@@ -85,6 +85,8 @@ def _subject(name: str) -> Case:
         return Case(*copy.deepcopy(_meta_capture()), make_inputs("bert"))
     if name == "t5":
         return Case(make_model("t5"), None, make_inputs("t5"))
+    if name == "gpt2":
+        return Case(*captured("gpt2"), make_inputs("gpt2"))
     if name == "varargs":
         return Case(VarArgs(), None, {"x": torch.randn(2, 3, 4)})
     if name == "two-inputs":
@@ -107,6 +109,7 @@ def _disable(gm) -> None:
 
 
 A, C, T, S = fl.LNTuneAdapterError, fl.LNTuneConfigError, fl.LNTuneTraceError, fl.LNTuneStateError
+G = fl.LNTuneGenerationError
 LEAD_OUT = "lead out of a save directory"
 NOT_OURS = "was not produced by lntune_transform"
 
@@ -369,6 +372,29 @@ ROWS = [
         lambda c: _transform(c, config={"a": fl.LNTuningConfig(), "b": fl.LNTuningConfig()}, adapter_name="x"),
         C,
         "the dict's keys name the adapters",
+    ),
+    # Generation: only a model with a language-model head generates; its arguments are GenerationConfig's.
+    Row(
+        "generate-classifier",
+        "generate(gm_of_bert_classifier, input_ids)",
+        lambda c: fl.generate(c.gm, c.inputs["input_ids"], max_new_tokens=2),
+        G,
+        "cannot generate text",
+    ),
+    Row(
+        "generate-unknown-argument",
+        "generate(gm, input_ids, max_new_token=2)",
+        lambda c: fl.generate(c.gm, c.inputs["input_ids"], max_new_token=2),
+        G,
+        "unknown generate argument(s) ['max_new_token']",
+        subject="gpt2",
+    ),
+    Row(
+        "onnx-kv-cache-encoder-only",
+        "export_onnx(gm_of_bert_classifier, 'm.onnx', inputs, kv_cache=True)",
+        lambda c: fl.export_onnx(c.gm, "m.onnx", c.inputs, kv_cache=True),
+        fl.LNTuneExportError,
+        "kv_cache=True writes a decoder with past for a causal LM",
     ),
 ]
 

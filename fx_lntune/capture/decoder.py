@@ -1,0 +1,369 @@
+"""Capture what text generation needs from a tuned graph: an encoder and a decoder step whose KV cache is explicit
+tensors in and out, over the tuned graph's own dispatch modules and parameters (nothing copied).
+
+The Hugging Face model is rebuilt from ``gm.config`` on the meta device (a "shell"), and every parameter, buffer
+and dispatch module of ``gm`` is put at its own path in it: the same objects, so an adapter switch, a merge or
+`disable_adapters` on ``gm`` reaches the step graphs with no new capture. A step is captured with
+``torch.export`` (batch, sequence and past length dynamic; past length 0 is the prefill) and its norms are folded
+back into ``call_module`` nodes of those dispatch modules (`passes.fold.fold_module_calls`)::
+
+    step(input_ids, attention_mask, past=(k0, v0, k1, v1, ...), position_ids=None)
+        -> (logits, present_k0, present_v0, present_k1, present_v1, ...)
+
+    seq2seq: decoder_step(decoder_input_ids, encoder_hidden_states, attention_mask, past, cross=None)
+        -> (logits, *present, *cross)   # cross (encoder keys/values) only while cross=None: the first step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fx_lntune.capture._build import build_graph_module
+from fx_lntune.errors import LNTuneGenerationError
+from fx_lntune.state import LNTuneState, dispatch_modules
+from passes._runner import run_pass
+from passes.device import follow_input_device
+from passes.fold import fold_module_calls
+
+__all__ = [
+    "GENERATION_KEY",
+    "CacheLayout",
+    "cache_name",
+    "capture_step",
+    "model_shell",
+    "read_cache",
+    "write_cache",
+    "causal_step",
+    "encoder_forward",
+    "seq2seq_step",
+    "DecoderWithPast",
+    "decoder_with_past",
+]
+
+# The key of `LNTuneState.extra` that lntune_transform fills for a model that can generate.
+GENERATION_KEY = "generation"
+_CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def model_shell(gm: torch.fx.GraphModule, state: LNTuneState) -> nn.Module:
+    """The Hugging Face model ``gm`` was captured from, rebuilt on the meta device from ``gm.config``, holding
+    ``gm``'s own parameters, buffers and dispatch modules at their paths (shared objects: nothing is copied and
+    ``gm`` is not changed). In evaluation mode, except for the shared dispatch modules, whose mode is ``gm``'s."""
+    model_class = state.extra[GENERATION_KEY]["model_class"]
+    with torch.device("meta"), _quiet():
+        shell = model_class(copy.deepcopy(gm.config))
+    shell.eval()
+    dispatch = dispatch_modules(gm)
+    for path, module in dispatch.items():
+        parent, _, name = path.rpartition(".")
+        shell.get_submodule(parent)._modules[name] = module
+    inside = tuple(f"{path}." for path in dispatch)
+    missing = []
+    for owner_path, owner in shell.named_modules(remove_duplicate=False):
+        if owner_path in dispatch or owner_path.startswith(inside):
+            continue
+        for table, lookup in ((owner._parameters, gm.get_parameter), (owner._buffers, gm.get_buffer)):
+            for name, value in table.items():
+                if value is None:
+                    continue
+                path = f"{owner_path}.{name}" if owner_path else name
+                try:
+                    table[name] = lookup(path)
+                except AttributeError:
+                    missing.append(path)
+    if missing:
+        raise LNTuneGenerationError(
+            f"the tuned graph has no tensor at {missing[:3]} (and {max(0, len(missing) - 3)} more), which "
+            f"{model_class.__name__} needs to generate; generate from the graph lntune_transform returned."
+        )
+    shell.generation_config = copy.deepcopy(state.extra[GENERATION_KEY]["generation_config"])
+    return shell
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def cache_name(shell: nn.Module) -> str:
+    """The keyword the model's forward takes its cache by: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values``."""
+    parameters = inspect.signature(type(shell).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Per decoder layer, the (kv_heads, head_dim) of its self-attention cache, and of its cross-attention
+    cache for an encoder-decoder; the dtype of both."""
+
+    self_attention: tuple[tuple[int, int], ...]
+    cross_attention: tuple[tuple[int, int], ...] | None
+    dtype: torch.dtype
+
+    def empty_past(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Past tensors of length 0 (the prefill's), two per layer (key, value)."""
+        return tuple(
+            torch.zeros(batch, heads, 0, dim, dtype=self.dtype, device=device)
+            for heads, dim in self.self_attention
+            for _ in range(2)
+        )
+
+
+def read_cache(cache: Any) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+    """The (self-attention, cross-attention or None) tensors of a transformers cache object, key and value per
+    filled layer; empty tuples when nothing is cached yet."""
+    cross = None
+    if hasattr(cache, "self_attention_cache"):
+        cross = _layer_tensors(cache.cross_attention_cache)
+        cache = cache.self_attention_cache
+    return _layer_tensors(cache), cross
+
+
+def _layer_tensors(cache: Any) -> tuple[torch.Tensor, ...]:
+    tensors: list[torch.Tensor] = []
+    for layer in getattr(cache, "layers", ()):
+        if not _filled(layer):
+            return ()
+        tensors += [layer.keys, layer.values]
+    return tuple(tensors)
+
+
+def _filled(layer: Any) -> bool:
+    # transformers 5 initializes a layer lazily (`is_initialized`); 4.57 leaves `keys` None until the first update.
+    return getattr(layer, "keys", None) is not None and getattr(layer, "is_initialized", True)
+
+
+def write_cache(cache: Any, present: Sequence[torch.Tensor], cross: Sequence[torch.Tensor] | None = None) -> None:
+    """Make ``cache`` (a ``DynamicCache`` or ``EncoderDecoderCache``) hold ``present`` (and ``cross``), in place:
+    the full keys/values per layer, as the step graph returns them."""
+    if hasattr(cache, "self_attention_cache"):
+        if cross is not None:
+            _fill(cache.cross_attention_cache, cross)
+            for index in range(len(cross) // 2):
+                cache.is_updated[index] = True
+        cache = cache.self_attention_cache
+    _fill(cache, present)
+
+
+def _fill(cache: Any, tensors: Sequence[torch.Tensor]) -> None:
+    for index in range(len(tensors) // 2):
+        key, value = tensors[2 * index], tensors[2 * index + 1]
+        layers = getattr(cache, "layers", [])
+        if index < len(layers) and _filled(layers[index]):
+            # Already filled: the step graph returns past + new, so the layer takes it as it is (no second concat).
+            layers[index].keys, layers[index].values = key, value
+        else:
+            cache.update(key, value, index)
+
+
+def _new_cache(past: Sequence[torch.Tensor], cross: Sequence[torch.Tensor] | None, encoder_decoder: bool) -> Any:
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    cache = DynamicCache()
+    for index in range(len(past) // 2):
+        cache.update(past[2 * index], past[2 * index + 1], index)
+    if not encoder_decoder:
+        return cache
+    cross_cache = DynamicCache()
+    for index in range(len(cross or ()) // 2):
+        cross_cache.update(cross[2 * index], cross[2 * index + 1], index)
+    return EncoderDecoderCache(cache, cross_cache)
+
+
+def _logits_kwargs(shell: nn.Module, last_only: bool) -> dict[str, Any]:
+    parameters = inspect.signature(type(shell).forward).parameters
+    return {"logits_to_keep": 1} if last_only and "logits_to_keep" in parameters else {}
+
+
+def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The decoder step of a causal LM as a function of a model shell and tensors (see the module docstring);
+    ``last_only``: logits of the last position only (what generation reads), where the model can skip the others."""
+    forward = type(shell).forward
+    name = cache_name(shell)
+    extra = _logits_kwargs(shell, last_only)
+
+    def step(model, input_ids, attention_mask, past, position_ids=None):
+        cache = _new_cache(past, None, encoder_decoder=False)
+        inputs = {"position_ids": position_ids} if position_ids is not None else {}
+        out = forward(
+            model, input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
+            **{name: cache}, **inputs, **extra,
+        )  # fmt: skip
+        present, _ = read_cache(out[name] if name in out else cache)
+        return (out["logits"], *present)
+
+    return step
+
+
+def encoder_forward(shell: nn.Module) -> Callable[..., torch.Tensor]:
+    """An encoder-decoder's encoder: ``(shell, input_ids, attention_mask) -> last_hidden_state``."""
+
+    def encode(model, input_ids, attention_mask):
+        outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        return outputs["last_hidden_state"]
+
+    return encode
+
+
+def seq2seq_step(shell: nn.Module) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The decoder step of an encoder-decoder (see the module docstring)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    forward = type(shell).forward
+    name = cache_name(shell)
+
+    def step(model, decoder_input_ids, encoder_hidden_states, attention_mask, past, cross=None):
+        cache = _new_cache(past, cross, encoder_decoder=True)
+        out = forward(
+            model, decoder_input_ids=decoder_input_ids, attention_mask=attention_mask, use_cache=True,
+            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states), return_dict=True,
+            **{name: cache},
+        )  # fmt: skip
+        present, cross_present = read_cache(out[name] if name in out else cache)
+        return (out["logits"], *present, *(cross_present if cross is None else ()))
+
+    return step
+
+
+class _Traced(nn.Module):
+    """``function(model, *args, **kwargs)`` as a module holding ``model`` at ``model``: export then reaches every
+    submodule through attribute access from the root and records its full path (a module captured by a closure
+    gets paths relative to itself)."""
+
+    def __init__(self, model: nn.Module, function: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        object.__setattr__(self, "function", function)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.model, *args, **kwargs)
+
+
+def capture_step(
+    shell: nn.Module,
+    function: Callable[..., Any],
+    args: tuple[Any, ...],
+    dynamic_shapes: Mapping[str, Any],
+    class_name: str,
+) -> torch.fx.GraphModule:
+    """``function(shell, *args)`` captured with ``torch.export`` as a plain ``GraphModule`` whose
+    ``model`` submodule is ``shell``'s state (shared), with every dispatch module a ``call_module`` node again.
+    ``dynamic_shapes`` maps each of ``function``'s tensor arguments by name to its dynamic dims.
+
+    Shape guards are dropped (like the main capture does), so the graph also runs where a dynamic size is 0 or 1
+    (a prefill's empty past, a one-token step). ``shell``'s modules keep their train/eval modes.
+
+    Raises:
+        LNTuneGenerationError: a dispatch module's call could not be folded back into one node (the step would
+            then not follow adapter switches).
+    """
+    root = _Traced(shell, function)
+    paths = [f"model.{path}" for path in dispatch_modules(shell)]
+    modes = [(module, module.training) for module in shell.modules()]
+    try:
+        for module, _ in modes:
+            module.training = False
+        names = list(inspect.signature(function).parameters)[1 : 1 + len(args)]
+        dims = {"args": tuple(dynamic_shapes[name] for name in names)}
+        program = torch.export.export(root, args, dynamic_shapes=dims, strict=False)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    unlifted = program.module()
+    for module in unlifted.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in list(module.graph.nodes):
+                if node.target in _CHECK_OPS or (node.op == "call_module" and node.target == "_guards_fn"):
+                    module.graph.erase_node(node)
+            module.recompile()
+    gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
+    gm = run_pass(fold_module_calls, gm, paths=paths)
+    inside = tuple(f"{path}." for path in paths)
+    unfolded = sorted(
+        str(node.target)
+        for node in gm.graph.nodes
+        if node.op == "get_attr" and node.users and str(node.target).startswith(inside)
+    )
+    if unfolded:
+        raise LNTuneGenerationError(
+            f"capturing the {class_name} step left {unfolded[:3]} outside their module's call, so the step would "
+            "not follow adapter switches; generate with the model's own generate after apply_to_model instead."
+        )
+    return run_pass(follow_input_device, gm)
+
+
+@dataclass
+class DecoderWithPast:
+    """A causal LM's decoder step in optimum's layout, ready for an exporter: ``module(*args)`` returns
+    ``(logits, present.0.key, present.0.value, ...)``; names and dynamic axes per flat input and output."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple[Any, ...]
+
+
+def decoder_with_past(
+    gm: torch.fx.GraphModule, state: LNTuneState, example_inputs: Mapping[str, torch.Tensor], layout: CacheLayout
+) -> DecoderWithPast:
+    """What ``gm`` computes now (each dispatch module's current route: the active, merged or base module) as one
+    decoder step with the cache as tensors: inputs ``input_ids``, ``attention_mask`` (past + new positions),
+    ``position_ids`` where the model takes them, ``past_key_values.{i}.key/value`` (batch, kv_heads,
+    past_length, head_dim); outputs ``logits`` and ``present.{i}.key/value``. Example past has length 2.
+    Shares ``gm``'s tensors; ``gm`` is not changed."""
+    shell = model_shell(gm, state)
+    for path, module in dispatch_modules(shell).items():
+        parent, _, name = path.rpartition(".")
+        shell.get_submodule(parent)._modules[name] = module._route
+    positions = "position_ids" in inspect.signature(type(shell).forward).parameters
+    step = causal_step(shell, last_only=False)
+    ids, mask = example_inputs["input_ids"], example_inputs.get("attention_mask")
+    batch, past_length = ids.shape[0], 2
+    mask = torch.ones_like(ids) if mask is None else mask
+    mask = torch.cat([torch.ones(batch, past_length, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    past = tuple(
+        torch.zeros(batch, heads, past_length, dim, dtype=layout.dtype, device=ids.device)
+        for heads, dim in layout.self_attention
+        for _ in range(2)
+    )
+    layers = len(layout.self_attention)
+    past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    past_axes = tuple({0: "batch_size", 2: "past_sequence_length"} for _ in past)
+    token_axes = {0: "batch_size", 1: "sequence_length"}
+    mask_axes = {0: "batch_size", 1: "total_sequence_length"}
+    if positions:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_length:]
+
+        def function(model, input_ids, attention_mask, position_ids, past):
+            return step(model, input_ids, attention_mask, past, position_ids)
+
+        args = (ids, mask, position_ids, past)
+        names = ["input_ids", "attention_mask", "position_ids"]
+        dynamic = (token_axes, mask_axes, token_axes, past_axes)
+    else:
+
+        def function(model, input_ids, attention_mask, past):
+            return step(model, input_ids, attention_mask, past)
+
+        args, names, dynamic = (ids, mask, past), ["input_ids", "attention_mask"], (token_axes, mask_axes, past_axes)
+    outputs = ["logits", *(f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))]
+    module = _Traced(shell, function)  # shell is in eval mode; the shared norms keep gm's mode
+    return DecoderWithPast(module, args, [*names, *past_names], outputs, dynamic)

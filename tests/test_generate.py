@@ -1,0 +1,161 @@
+"""fl.generate: Hugging Face generate semantics with a KV cache, against PEFT's generate for the same adapters."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import peft
+import pytest
+import torch
+from conftest import captured
+
+import fx_lntune as fl
+from fx_lntune.generation import decoder_for
+
+NEW_TOKENS = 5
+
+
+def _perturb(gm: torch.fx.GraphModule, adapter: str, seed: int) -> None:
+    """Move ``adapter``'s copies far enough from the base that greedy tokens change."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if f"ln_tuning_layers.{adapter}." in name:
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+
+
+def _peft_twin(model: torch.nn.Module, gm: torch.fx.GraphModule) -> peft.PeftModel:
+    """A PEFT model with the same adapters and weights as ``gm``."""
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.LNTuningConfig())
+    for name in fl.list_adapters(gm)[1:]:
+        twin.add_adapter(name, peft.LNTuningConfig())
+    weights = {key: value for key, value in gm.state_dict().items() if ".ln_tuning_layers." in key}
+    unexpected = twin.base_model.model.load_state_dict(weights, strict=False).unexpected_keys
+    assert not unexpected
+    return twin.eval()
+
+
+def _prompt(arch: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 99, (2, 6), generator=generator)
+    mask = torch.ones_like(ids)
+    if arch == "t5":
+        mask[0, -2:] = 0  # an encoder's padding may sit anywhere
+    else:
+        mask[0, :2] = 0  # left padding, as for generation
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@functools.cache
+def _tuned(arch: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """One capture per architecture for this module, with two perturbed adapters: its step graphs are captured
+    once and reused by every test (each starts from `tuned`, which resets the adapter state)."""
+    model, gm = captured(arch)
+    fl.add_adapter(gm, "other")
+    _perturb(gm, "default", seed=1)
+    _perturb(gm, "other", seed=2)
+    return model, gm
+
+
+def tuned(arch: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    model, gm = _tuned(arch)
+    if fl.active_adapter(gm) != "default":
+        fl.set_adapter(gm, "default")
+    return model, gm
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_greedy_tokens_equal_peft_for_adapters_merged_and_disabled(arch):
+    model, gm = tuned(arch)
+    twin = _peft_twin(model, gm)
+    prompt = _prompt(arch)
+    greedy = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+
+    ours = fl.generate(gm, **prompt, **greedy)
+    assert torch.equal(ours, twin.generate(**prompt, **greedy))
+    graphs = dict(decoder_for(gm).graphs)
+
+    fl.set_adapter(gm, "other")
+    twin.set_adapter("other")
+    other = fl.generate(gm, **prompt, **greedy)
+    assert torch.equal(other, twin.generate(**prompt, **greedy))
+
+    fl.merge_adapter(gm, "other")
+    try:
+        assert torch.equal(fl.generate(gm, **prompt, **greedy), other)
+    finally:
+        fl.unmerge_adapter(gm)
+
+    with fl.disable_adapters(gm):
+        base = fl.generate(gm, **prompt, **greedy)
+    assert torch.equal(base, model.generate(**prompt, **greedy))
+    # The adapters change the text, and switching them needed no new capture.
+    assert not torch.equal(ours, base) and not torch.equal(other, base)
+    assert decoder_for(gm).graphs == graphs
+
+
+def test_returns_prompt_and_new_tokens_and_stops_at_eos():
+    model, gm = tuned("llama")
+    ids = _prompt("llama")["input_ids"][1:]
+    torch.manual_seed(0)
+    sampled = fl.generate(gm, ids, do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS)
+    assert sampled.shape == (1, ids.shape[1] + NEW_TOKENS) and torch.equal(sampled[:, : ids.shape[1]], ids)
+    torch.manual_seed(0)
+    twin = _peft_twin(model, gm)
+    sampling = dict(do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(twin.generate(ids, **sampling), sampled)
+
+    new = sampled[0, ids.shape[1] :].tolist()
+    eos = new[2]
+    torch.manual_seed(0)
+    stopped = fl.generate(
+        gm, ids, do_sample=True, top_k=20, temperature=0.8, max_new_tokens=NEW_TOKENS, eos_token_id=eos
+    )
+    assert stopped[0, ids.shape[1] :].tolist() == new[: new.index(eos) + 1]
+
+
+def test_decoding_computes_the_prompt_once():
+    _, gm = tuned("gpt2")
+    prompt = _prompt("gpt2")
+    fl.generate(gm, **prompt, max_new_tokens=1)  # captures the step graph
+    (graph,) = decoder_for(gm).graphs.values()
+    calls = []
+    forward = graph.forward
+
+    def counting(input_ids, attention_mask, past, *rest):
+        calls.append((input_ids.shape[1], past[0].shape[2]))
+        return forward(input_ids, attention_mask, past, *rest)
+
+    graph.forward = counting
+    try:
+        fl.generate(gm, **prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    finally:
+        del graph.forward
+    prompt_length = prompt["input_ids"].shape[1]
+    assert calls == [(prompt_length, 0)] + [(1, prompt_length + step) for step in range(NEW_TOKENS - 1)]
+
+
+def test_model_generation_config_is_the_default_and_can_be_overridden():
+    from transformers import GenerationConfig
+
+    model, gm = tuned("llama")
+    twin = _peft_twin(model, gm)
+    ids = _prompt("llama")["input_ids"]
+    # No arguments: the model's own generation_config (greedy, max_length 20, its eos/pad ids), kept at capture.
+    assert torch.equal(fl.generate(gm, ids), twin.generate(input_ids=ids))
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, repetition_penalty=1.5)
+    out = fl.generate(gm, ids, generation_config=config)
+    assert out.shape[1] == ids.shape[1] + 3
+    assert torch.equal(out, twin.generate(input_ids=ids, generation_config=config))
+
+
+def test_unknown_and_unsupported_arguments_are_refused():
+    _, gm = tuned("gpt2")
+    ids = _prompt("gpt2")["input_ids"]
+    with pytest.raises(fl.LNTuneGenerationError, match="did you mean 'max_new_tokens'"):
+        fl.generate(gm, ids, max_new_token=3)
+    with pytest.raises(fl.LNTuneGenerationError, match="output_attentions"):
+        fl.generate(gm, ids, output_attentions=True)
+    with pytest.raises(fl.LNTuneGenerationError, match="2-D tensor"):
+        fl.generate(gm, ids[0])
