@@ -30,7 +30,9 @@ def unload_adapters(gm: torch.fx.GraphModule, *, progressbar: bool = False) -> P
     modules = dispatch_modules(gm)
     for path, module in tqdm(modules.items(), desc="unloading", disable=not progressbar):
         set_submodule(gm, path, module.base.requires_grad_(False))
-    for node in gm.graph.nodes:
-        node.meta.pop(NODE_MARK, None)
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in module.graph.nodes:
+                node.meta.pop(NODE_MARK, None)
     detach_state(gm)
     return PassResult(gm, True)

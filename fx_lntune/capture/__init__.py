@@ -6,6 +6,9 @@ module in ``leaves`` is a ``call_module`` node. Nothing downstream knows which o
 ``tracer="auto"`` tries, in order, for a Hugging Face model: ``export`` (every architecture, any transformers
 version, dynamic shapes), then ``hf_fx`` where transformers < 5 provides it; for any other module: ``fx``
 (shape-agnostic symbolic tracing), then ``export``. The first that captures wins.
+
+Whatever the front-end, each layer of the model then becomes a GraphModule of its own that the root graph calls
+(`passes.split_layers`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch.nn as nn
 from fx_lntune.capture.export import capture_export
 from fx_lntune.capture.fx import capture_fx, capture_hf_fx, hf_fx_available
 from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.layers import find_layers
+from passes._runner import run_pass
+from passes.split_layers import split_layers
 
 __all__ = ["TRACERS", "capture", "hf_fx_available"]
 
@@ -36,12 +42,23 @@ def capture(
 ) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
 
-    Every module in ``leaves`` must become a ``call_module`` node; those in ``spare`` (normalization modules no
+    Every module in ``leaves`` must become a ``call_module`` node (in the root graph or a layer's); those in ``spare`` (normalization modules no
     adapter targets yet) do where the front-end can, so that a later adapter can target them. ``model`` is
     not modified.
     """
     if tracer not in TRACERS:
         raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
+    gm, used = _capture_flat(model, leaves, example_inputs, tracer, spare)
+    return run_pass(split_layers, gm, layers=find_layers(model)), used
+
+
+def _capture_flat(
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    tracer: str,
+    spare: Sequence[str],
+) -> tuple[torch.fx.GraphModule, str]:
     if tracer != "auto":
         return _FRONTENDS[tracer](model, leaves, example_inputs, spare), tracer
     errors = []
