@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 
@@ -120,10 +121,10 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
         env[arg] = sub.placeholder(arg.name)
         env[arg].meta = {key: value for key, value in arg.meta.items() if key in ("val", "tensor_meta")}
     for node in ordered:
-        copy = sub.node_copy(node, env.__getitem__)
+        moved = sub.node_copy(node, env.__getitem__)
         if node.op in ("get_attr", "call_module"):
-            copy.target = str(node.target)[len(prefix) :]
-        env[node] = copy
+            moved.target = str(node.target)[len(prefix) :]
+        env[node] = moved
     results = [env[node] for node in outputs]
     sub.output(results[0] if len(results) == 1 else tuple(results))
     sub._tracer_cls = graph._tracer_cls  # how a pickled layer is re-traced on load, as the root is
@@ -211,6 +212,7 @@ def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         else:
             env[node] = flat.node_copy(node, env.__getitem__)
     flat._tracer_cls = gm.graph._tracer_cls
+    flat._codegen = copy.deepcopy(gm.graph._codegen)  # export's pytree in/out (keyword inputs, a ModelOutput)
     return torch.fx.GraphModule(gm, flat, class_name=type(gm).__name__)
 
 
@@ -226,8 +228,8 @@ def _inline_one(flat: torch.fx.Graph, layer: torch.fx.GraphModule, path: str, ca
         if node.op == "output":
             result = torch.fx.map_arg(node.args[0], inner.__getitem__)
             continue
-        copy = flat.node_copy(node, inner.__getitem__)
+        moved = flat.node_copy(node, inner.__getitem__)
         if node.op in ("get_attr", "call_module"):
-            copy.target = f"{path}.{node.target}"
-        inner[node] = copy
+            moved.target = f"{path}.{node.target}"
+        inner[node] = moved
     return result
