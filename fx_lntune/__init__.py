@@ -29,6 +29,7 @@ from fx_lntune.errors import (
     LNTuneStateError,
     LNTuneTraceError,
 )
+from fx_lntune.layers import gradient_checkpointing, layer_modules
 from fx_lntune.materialize import materialize
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 from fx_lntune.visualize import visualize_graph
@@ -62,6 +63,8 @@ __all__ = [
     "apply_to_model",
     "visualize_graph",
     "materialize",
+    "layer_modules",
+    "gradient_checkpointing",
     "export_torchscript",
     "export_onnx",
     "export_program",

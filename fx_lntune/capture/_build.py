@@ -30,6 +30,12 @@ class ReloadTracer(torch.fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def __init__(self) -> None:
+        # A checkpointed layer call stays one call (`passes.checkpoint_layers`), not the checkpoint's internals.
+        from passes.checkpoint_layers import checkpointed_call
+
+        super().__init__(autowrap_functions=(checkpointed_call,))
+
 
 def alias_model(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters share storage with the model's (no data is copied).
