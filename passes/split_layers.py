@@ -200,8 +200,9 @@ def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     flat = torch.fx.Graph()
     env: dict[torch.fx.Node, object] = {}
     layers = dict(layer_calls(gm))
+    paths = set(layers.values())
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and isinstance(_submodule(gm, str(node.target)), torch.fx.GraphModule):
+        if node.op == "get_attr" and str(node.target) in paths:
             continue  # the layer a checkpointed call names: its nodes are inlined instead
         if node in layers:
             env[node] = _inline_one(flat, gm.get_submodule(layers[node]), layers[node], node, env)
