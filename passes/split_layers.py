@@ -53,9 +53,7 @@ def split_layers(gm: torch.fx.GraphModule, *, layers: Sequence[str]) -> PassResu
     splittable = _disjoint(splittable, spans)
     for path in splittable:
         first, last = spans[path]
-        members = [
-            node for node in nodes[first : last + 1] if node.op not in ("placeholder", "output", "get_attr")
-        ]
+        members = [node for node in nodes[first : last + 1] if node.op not in ("placeholder", "output", "get_attr")]
         _move_layer(gm, path, members)
     return PassResult(gm, bool(splittable))
 
@@ -130,7 +128,7 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
     sub._tracer_cls = graph._tracer_cls  # how a pickled layer is re-traced on load, as the root is
 
     container = gm.get_submodule(path)
-    stack = next((entry for entry in (members[0].meta.get("nn_module_stack") or {}).values() if entry[0] == path))
+    stack = next(entry for entry in (members[0].meta.get("nn_module_stack") or {}).values() if entry[0] == path)
     layer = torch.fx.GraphModule(container, sub, class_name=_class_name(stack[1]))
     # The container's own children and tensors (torch.fx copied only what nodes name, through new empty parents).
     layer._modules = dict(container._modules)
@@ -221,7 +219,7 @@ def _inline_one(flat: torch.fx.Graph, layer: torch.fx.GraphModule, path: str, ca
     args = [env[arg] for arg in (call.args if call.op == "call_module" else call.args[1:])]
     inner: dict[torch.fx.Node, object] = {}
     placeholders = [node for node in layer.graph.nodes if node.op == "placeholder"]
-    inner.update(zip(placeholders, args))
+    inner.update(zip(placeholders, args, strict=True))
     result = None
     for node in layer.graph.nodes:
         if node.op == "placeholder":

@@ -188,7 +188,7 @@ def test_checkpointing_keeps_gradients_and_saves_at_most_40_percent(six_layers):
     assert gm.code.count("checkpointed_call(") == 6
     ckpt_bytes, ckpt_grads = _step(gm, inputs)
     assert len(ckpt_grads) == len(plain_grads) == 13
-    for ours, reference in zip(ckpt_grads, plain_grads):
+    for ours, reference in zip(ckpt_grads, plain_grads, strict=True):
         assert reference.abs().sum() > 0
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
     assert ckpt_bytes <= 0.4 * plain_bytes, (ckpt_bytes, plain_bytes)

@@ -42,9 +42,9 @@ def capture(
 ) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
 
-    Every module in ``leaves`` must become a ``call_module`` node (in the root graph or a layer's); those in ``spare`` (normalization modules no
-    adapter targets yet) do where the front-end can, so that a later adapter can target them. ``model`` is
-    not modified.
+    Every module in ``leaves`` must become a ``call_module`` node (in the root graph or a layer's); those in
+    ``spare`` (normalization modules no adapter targets yet) do where the front-end can, so that a later adapter
+    can target them. ``model`` is not modified.
     """
     if tracer not in TRACERS:
         raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
