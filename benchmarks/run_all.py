@@ -182,9 +182,10 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def peak_training_memory(case: Case, name: str, steps: int = 2) -> int:
-    """Peak bytes of tensor storage that ``steps`` training steps of one variant (a fresh copy) keep alive."""
-    model = copy.deepcopy(case.variants()[name]).train()
+def peak_training_memory(case: Case, name: str, steps: int = 2, model: torch.nn.Module | None = None) -> int:
+    """Peak bytes of tensor storage that ``steps`` training steps of one variant (a fresh copy of it, or of
+    ``model`` with that variant's inputs) keep alive."""
+    model = copy.deepcopy(case.variants()[name] if model is None else model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     inputs = case.inputs_for(name)
     existing = [*model.parameters(), *model.buffers(), *[v for v in inputs.values() if isinstance(v, torch.Tensor)]]
@@ -200,6 +201,58 @@ def memory_row(case: Case) -> Row:
     ours, theirs = peak_training_memory(case, "ours"), peak_training_memory(case, "peft")
     detail = f"{ours / 2**20:.1f} MiB vs {theirs / 2**20:.1f} MiB peak tensor memory of 2 steps"
     return f"{case.name}: peak training memory, ours / PEFT", f"{ours / theirs:.3f}", detail, "<= 1.00"
+
+
+def checkpointed(case: Case) -> dict[str, torch.nn.Module]:
+    """Copies of ours and PEFT's model with activation checkpointing per layer (both non-reentrant)."""
+    ours = copy.deepcopy(case.ours)
+    fl.gradient_checkpointing(ours)
+    theirs = copy.deepcopy(case.peft)
+    theirs.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return {"ours": ours, "peft": theirs}
+
+
+def checkpointing_rows(case: Case, steps: int) -> list[Row]:
+    """Activation checkpointing: training memory against PEFT's, and what it costs per step against what it costs
+    PEFT (each side's checkpointed step over its plain step, in one interleaved run)."""
+    models = checkpointed(case)
+    ours = peak_training_memory(case, "ours", model=models["ours"])
+    theirs = peak_training_memory(case, "peft", model=models["peft"])
+    plain = peak_training_memory(case, "ours")
+    memory = (
+        f"{case.name}: peak training memory with checkpointing, ours / PEFT",
+        f"{ours / theirs:.3f}",
+        f"{ours / 2**20:.1f} MiB vs {theirs / 2**20:.1f} MiB (ours without checkpointing: {plain / 2**20:.1f} MiB)",
+        "<= 1.00",
+    )
+    variants = {"ours": case.ours, "peft": case.peft, "ours_ckpt": models["ours"], "peft_ckpt": models["peft"]}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for name, model in variants.items()
+    }
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            model = variants[name].train()
+            case.loss(model(**case.inputs_for(name.removesuffix("_ckpt"))), case.inputs).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        return run
+
+    times = interleaved({name: step(name) for name in variants}, steps)
+    costs = {
+        side: [c / p for c, p in zip(times[f"{side}_ckpt"], times[side], strict=True)] for side in ("ours", "peft")
+    }
+    ratios = [a / b for a, b in zip(costs["ours"], costs["peft"], strict=True)]
+    cost = (
+        f"{case.name}: step-time cost of checkpointing, ours / PEFT's",
+        f"{statistics.median(ratios):.3f}",
+        f"checkpointed / plain step: ours x{statistics.median(costs['ours']):.2f}, "
+        f"PEFT x{statistics.median(costs['peft']):.2f}",
+        "<= 1.00",
+    )
+    return [memory, cost]
 
 
 def inference_rows(case: Case, pairs: int, compile_backend: str | None) -> list[Row]:
@@ -346,21 +399,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed A/B rounds per row")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('' to skip)")
     parser.add_argument("--skip-meta", action="store_true", help="skip the 7B / 70B meta-device transforms")
+    parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing rows")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
-    for make_case in (llama_case, minilm_case):
+    if args.checkpointing_only:
+        rows += checkpointing_rows(llama_case(), args.steps)
+    for make_case in (llama_case, minilm_case) if not args.checkpointing_only else ():
         case = make_case()
         rows += train_rows(case, args.steps)
+        rows += checkpointing_rows(case, args.steps)
         rows.append(memory_row(case))
         rows += inference_rows(case, args.steps, args.compile_backend or None)
         rows.append(transform_row(case))
         rows.append(set_adapter_row(case))
         print(f"done: {case.name}", file=sys.stderr, flush=True)
-    if not args.skip_meta:
+    if not args.skip_meta and not args.checkpointing_only:
         rows += meta_rows("7B", LLAMA_7B, 10)
         rows += meta_rows("70B", LLAMA_70B, 30)
 

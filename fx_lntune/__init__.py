@@ -35,6 +35,7 @@ from fx_lntune.errors import (
     LNTuneTraceError,
 )
 from fx_lntune.generation import generate
+from fx_lntune.layers import gradient_checkpointing, layer_modules
 from fx_lntune.materialize import materialize
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 from fx_lntune.visualize import visualize_graph
@@ -73,6 +74,8 @@ __all__ = [
     "apply_to_model",
     "visualize_graph",
     "materialize",
+    "layer_modules",
+    "gradient_checkpointing",
     "export_torchscript",
     "export_onnx",
     "export_program",

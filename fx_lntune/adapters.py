@@ -30,6 +30,7 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
+from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 from passes._runner import run_pass
@@ -102,7 +103,7 @@ def resolve_adapter_modules(gm: torch.fx.GraphModule, config: LNTuningConfig) ->
     view = _model_view(gm)
     targets = resolve_targets(view, config)
     saved = resolve_modules_to_save(view, config)
-    leaves = {str(node.target) for node in gm.graph.nodes if node.op == "call_module"}
+    leaves = set(leaf_calls(gm))
     missing = [path for path in [*targets, *saved] if path not in leaves]
     if missing:
         raise LNTuneConfigError(
@@ -399,9 +400,8 @@ def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
 
 def _unwrap(gm: torch.fx.GraphModule, path: str, module: AdapterDispatch) -> None:
     set_submodule(gm, path, module.original())
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target == path:
-            node.meta.pop(NODE_MARK, None)
+    for node in leaf_calls(gm).get(path, ()):
+        node.meta.pop(NODE_MARK, None)
 
 
 def _model_view(gm: torch.fx.GraphModule) -> nn.Module:

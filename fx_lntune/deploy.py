@@ -30,6 +30,7 @@ from fx_lntune.errors import LNTuneExportError
 from fx_lntune.inputs import dynamic_shapes_for
 from fx_lntune.state import META_KEY, LNTuneState
 from passes._runner import run_pass
+from passes.split_layers import inline_layers, layer_calls
 from passes.trace_sizes import frozen_size_users, trace_sizes
 
 __all__ = ["export_torchscript", "export_onnx", "export_program"]
@@ -201,8 +202,15 @@ def _prepare(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor
 
 
 def _traceable(deployable: _Deployable) -> torch.fx.GraphModule:
-    """``deployable``'s module ready for `torch.jit.trace`: vmap written out, sizes traced (`trace_sizes`)."""
+    """``deployable``'s module ready for `torch.jit.trace`: layers inlined, vmap written out, sizes traced
+    (`trace_sizes`)."""
     module = deployable.module
+    if layer_calls(module.model):
+        # A traced submodule is a method of its own, and the sizes the graph passes between layers would be
+        # frozen at its boundary: trace the graph flat, as captured.
+        module = torch.fx.GraphModule(
+            {"model": inline_layers(module.model)}, copy.deepcopy(module.graph), class_name=type(module).__name__
+        ).eval()
     if _has_vmap(module):
         module = _exported(deployable, positional=True).module()
         for node in list(module.graph.nodes):

@@ -31,6 +31,7 @@ from fx_lntune.api import print_trainable_parameters
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneExportError, LNTuneTraceError
 from fx_lntune.state import META_KEY, dispatch_modules, get_state
+from passes.split_layers import inline_layers, layer_calls
 
 __all__ = [
     "PICTURE_FORMATS",
@@ -98,14 +99,19 @@ def graph_to_networkx(gm: torch.fx.GraphModule, example_inputs: Mapping[str, tor
     and ``dtype`` where known (from ``meta["val"]`` / ``meta["tensor_meta"]`` as torch.export leaves them, else
     from `torch.fx.passes.shape_prop.ShapeProp` run on ``example_inputs`` when given; ``""`` when unknown), and
     ``stack``: the enclosing ``(module path, class name)`` pairs, outermost first.
+
+    A graph whose layers are submodules of their own (`passes.split_layers`) is drawn flat, each layer's nodes
+    where the root calls it: ``module_path`` then groups them by layer, and `collapse_graph` folds a layer into
+    one box at the layer's depth.
     """
-    nodes = list(gm.graph.nodes)
+    view = _flat(gm)
+    nodes = list(view.graph.nodes)
     propagated: dict[str, Any] = {}
     if example_inputs is not None and any(_value_of(node) is None for node in nodes if node.op not in ("output",)):
-        propagated = _propagate_shapes(gm, example_inputs)
+        propagated = _propagate_shapes(view, example_inputs)
     graph = nx.DiGraph(name=type(gm).__name__)
     for node in nodes:
-        graph.add_node(node.name, **_node_data(gm, node, propagated.get(node.name)))
+        graph.add_node(node.name, **_node_data(view, node, propagated.get(node.name)))
     for node in nodes:
         for source in node.all_input_nodes:
             graph.add_edge(source.name, node.name)
@@ -132,6 +138,7 @@ def diff_graphs(
         if not isinstance(gm, torch.fx.GraphModule):
             raise LNTuneConfigError(f"diff_graphs needs torch.fx.GraphModule graphs; '{name}' is {type(gm).__name__}.")
     graph = graph_to_networkx(after, example_inputs)
+    before, after = _flat(before), _flat(after)
     previous = {node.name: node for node in before.graph.nodes}
     for node in after.graph.nodes:
         old = previous.get(node.name)
@@ -470,6 +477,11 @@ def _compile(pattern: Any, what: str) -> re.Pattern:
         raise LNTuneConfigError(
             f"{what} {pattern!r} is not a valid regex ({error}); escape '.', '(' and '['."
         ) from None
+
+
+def _flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` itself, or a flat view of it when its layers are graphs of their own (the same modules, not copied)."""
+    return inline_layers(gm) if layer_calls(gm) else gm
 
 
 def _value_of(node: torch.fx.Node) -> Any:

@@ -27,15 +27,19 @@ def run_pass(
 ) -> torch.fx.GraphModule:
     """Run one graph pass over ``gm`` and leave the result linted and recompiled.
 
-    Works in place when the pass does (every pass in this package does) and returns the pass's graph module.
+    Works in place when the pass does (every pass in this package does) and returns the pass's graph module; the
+    graphs of its layer submodules are checked and recompiled too.
     With ``cleanup=True`` dead nodes are removed as well. Submodules no node names are kept on purpose: a tied
     weight is read through one path only, and the module at the other path still holds the model's state-dict
     key (``transformer.wte.weight`` when the graph reads ``lm_head.weight``).
     """
     result = pass_fn(gm, **options)
     out = result.graph_module
-    if cleanup:
-        out.graph.eliminate_dead_code(is_impure_node=_is_impure)
-    out.graph.lint()
-    out.recompile()
+    # The root and each layer's GraphModule inside it (`passes.split_layers`), innermost first.
+    graphs = [module for module in out.modules() if isinstance(module, torch.fx.GraphModule)]
+    for module in reversed(graphs):
+        if cleanup:
+            module.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        module.graph.lint()
+        module.recompile()
     return out

@@ -9,6 +9,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneConfigError
+from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
 
 __all__ = ["NODE_MARK", "inject_adapters"]
@@ -35,12 +36,11 @@ def inject_adapters(
         x -> call_module[ln](x)            ln = LNTuningDispatch(base_layer=LayerNorm,
                                                                 ln_tuning_layers={adapter: LayerNorm copy})
 
-    Copies start from the base weights and are frozen; `set_adapter` decides what trains.
+    The node may be in the root graph or in a layer's graph (``call_module[input_layernorm]`` inside the
+    GraphModule at ``model.layers.0``). Copies start from the base weights and are frozen; `set_adapter`
+    decides what trains.
     """
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append(node)
+    calls = leaf_calls(gm)  # the root's and each layer graph's, by full module path
     kinds = [(path, LNTuningDispatch) for path in targets] + [(path, ModulesToSaveDispatch) for path in modules_to_save]
     for path, kind in kinds:
         if path not in calls:

@@ -13,6 +13,7 @@ from conftest import captured
 from models import make_inputs, make_labels, make_model
 
 import fx_lntune as fl
+from fx_lntune.layers import graph_modules
 
 PREFIX = "base_model.model."
 OTHER_SHAPE = {"batch": 3, "seq": 5, "seed": 1}
@@ -43,13 +44,17 @@ def _perturb(root, names, adapter: str, seed: int, prefix: str = "", slot: str =
                 param.add_(0.1 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
-def _nodes(gm) -> list[tuple]:
-    return [(n.op, n.target, str(n.args), str(n.kwargs)) for n in gm.graph.nodes]
+def _nodes(gm) -> dict[str, list[tuple]]:
+    """Per graph (the root and each layer's), its nodes."""
+    return {
+        path: [(n.op, n.target, str(n.args), str(n.kwargs)) for n in module.graph.nodes]
+        for path, module in graph_modules(gm)
+    }
 
 
 def _snapshot(gm) -> dict:
     return {
-        "code": gm.code,
+        "code": {path: module.code for path, module in graph_modules(gm)},
         "nodes": _nodes(gm),
         "adapters": (fl.list_adapters(gm), fl.active_adapter(gm)),
         "trainable": _trainable(gm),

@@ -14,6 +14,7 @@ from models import make_inputs, make_model
 
 import fx_lntune as fl
 from fx_lntune.dispatch import AdapterDispatch
+from fx_lntune.layers import graph_modules
 from fx_lntune.state import dispatch_modules, get_state
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -221,9 +222,11 @@ def test_pickled_graph_keeps_its_adapters_and_works(how):
     assert [type(m).__name__ for m in loaded.modules() if isinstance(m, AdapterDispatch)] == [
         type(m).__name__ for m in dispatch_modules(gm).values()
     ]
-    assert [n.op for n in loaded.graph.nodes if n.op == "call_module"] and not [
-        n.target for n in loaded.graph.nodes if n.op == "get_attr" and "_tensor_constant" in str(n.target)
+    nodes = [n for _, module in graph_modules(loaded) for n in module.graph.nodes]
+    assert [n.op for n in nodes if n.op == "call_module"] and not [
+        n.target for n in nodes if n.op == "get_attr" and "_tensor_constant" in str(n.target)
     ]  # buffers are read, not baked into constants
+    assert [path for path, _ in graph_modules(loaded)] == [path for path, _ in graph_modules(gm)]
     assert loaded.config.to_dict() == gm.config.to_dict()
     _check_copy(gm, loaded)
     assert copy.deepcopy(loaded).config.to_dict() == gm.config.to_dict()

@@ -32,6 +32,7 @@ from models import make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune.config import resolve_modules_to_save, resolve_targets
 from fx_lntune.dispatch import AdapterDispatch
+from fx_lntune.layers import graph_modules
 from fx_lntune.state import dispatch_modules, get_state
 
 _EXAMPLES = os.environ.get("FX_LNTUNE_HYPOTHESIS_EXAMPLES")
@@ -111,8 +112,11 @@ def _logits(module, inputs) -> torch.Tensor:
 def _snapshot(gm) -> dict:
     state = get_state(gm)
     return {
-        "code": gm.code,
-        "nodes": [(n.op, n.target, str(n.args), str(n.kwargs)) for n in gm.graph.nodes],
+        "code": {path: module.code for path, module in graph_modules(gm)},
+        "nodes": {
+            path: [(n.op, n.target, str(n.args), str(n.kwargs)) for n in module.graph.nodes]
+            for path, module in graph_modules(gm)
+        },
         "state": (list(state.configs), state.active_adapter, state.merged_adapter, state.disabled),
         "modules": [(name, type(m).__name__) for name, m in gm.named_modules()],
         "trainable": sorted(name for name, p in gm.named_parameters() if p.requires_grad),
@@ -142,7 +146,7 @@ class AdapterMachine(RuleBasedStateMachine):
         self.paths = _tunable_paths(model, self.subject)
         self.base = {path: _state_of(model.get_submodule(path)) for path in self.paths}
         self.frozen = {name: p.detach().clone() for name, p in self.gm.named_parameters() if not _in_dispatch(name)}
-        self.nodes = [(n.op, n.target) for n in self.gm.graph.nodes]
+        self.nodes = _graph_nodes(self.gm)
         self.adapters: dict[str, RefAdapter] = {}
         self._add_reference("default", self.subject.config)
         self.active, self.merged = "default", None
@@ -393,8 +397,7 @@ class AdapterMachine(RuleBasedStateMachine):
         state = get_state(self.gm)
         assert fl.list_adapters(self.gm) == list(self.adapters)
         assert (fl.active_adapter(self.gm), state.merged_adapter, state.disabled) == (self.active, self.merged, False)
-        self.gm.graph.lint()
-        assert [(n.op, n.target) for n in self.gm.graph.nodes] == self.nodes
+        assert _graph_nodes(self.gm) == self.nodes
 
     @invariant()
     def weights_match(self) -> None:
@@ -462,12 +465,18 @@ def _no_cache(model) -> dict:
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
+def _graph_nodes(gm) -> dict[str, list[tuple]]:
+    """Per graph (the root and each layer's, which must be valid), its nodes' ops and targets."""
+    for _, module in graph_modules(gm):
+        module.graph.lint()
+    return {path: [(n.op, n.target) for n in module.graph.nodes] for path, module in graph_modules(gm)}
+
+
 def _check_plain(plain, nodes) -> None:
-    assert type(plain).__mro__[1] is torch.fx.GraphModule
+    assert all(type(module).__mro__[1] is torch.fx.GraphModule for _, module in graph_modules(plain))
     assert not [m for m in plain.modules() if isinstance(m, AdapterDispatch)]
     assert "fx_lntune" not in plain.meta
-    plain.graph.lint()
-    assert [(n.op, n.target) for n in plain.graph.nodes] == nodes
+    assert _graph_nodes(plain) == nodes
 
 
 class LlamaMachine(AdapterMachine):

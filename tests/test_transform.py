@@ -14,6 +14,7 @@ from models import ARCHITECTURES, make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune.capture import hf_fx_available
 from fx_lntune.config import DEFAULT_TARGET_MODULES
+from fx_lntune.layers import graph_modules, leaf_calls
 
 # Where transformers 4.x's tracer captures at all (it fails on the others, see the README's coverage table).
 HF_FX_ARCHITECTURES = ["bert", "roberta", "distilbert", "bart"]
@@ -102,9 +103,7 @@ def _first(output) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "t5", "bart", "vit"])
 def test_dropout_follows_train_and_eval(arch):
     model, gm = captured(arch)
-    dropouts = [
-        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), torch.nn.Dropout)
-    ]
+    dropouts = [path for path in leaf_calls(gm) if isinstance(gm.get_submodule(path), torch.nn.Dropout)]
     assert dropouts, "no dropout module call in the captured graph"
     inputs = make_inputs(arch, **OTHER_SHAPE)
     gm.train()
@@ -132,7 +131,7 @@ def test_hf_fx_front_end_matches_model_and_export(arch):
 
 def test_albert_shared_layer_is_one_dispatch_called_per_layer():
     model, gm = captured("albert")
-    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target in fl.targeted_module_names(gm)]
+    calls = [path for path, nodes in leaf_calls(gm).items() for _ in nodes if path in fl.targeted_module_names(gm)]
     assert len(calls) > len(set(calls)), "the shared layer's norms should be called once per layer"
     inputs = make_inputs("albert", **OTHER_SHAPE)
     with torch.no_grad():
@@ -198,7 +197,7 @@ def test_print_trainable_parameters_line(capsys):
 @pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
 def test_graph_follows_its_inputs_device_and_dtype(arch):
     model, gm = captured(arch)
-    assert "device(type='cpu')" not in gm.code
+    assert all("device(type='cpu')" not in module.code for _, module in graph_modules(gm))
     gm.to("meta")
     out = gm(**{key: value.to("meta") for key, value in make_inputs(arch, **OTHER_SHAPE).items()})
     assert all(value.device.type == "meta" for value in _tensors(out).values())
@@ -218,7 +217,12 @@ def test_graph_follows_its_inputs_device_and_dtype(arch):
 
 def test_attention_dropout_keeps_the_fused_kernel_and_follows_train_and_eval():
     model, gm = captured("bert")
-    sdpa = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    sdpa = [
+        n
+        for _, module in graph_modules(gm)
+        for n in module.graph.nodes
+        if n.target is torch.ops.aten.scaled_dot_product_attention.default
+    ]
     rates = [n.args[4] if len(n.args) > 4 else n.kwargs["dropout_p"] for n in sdpa]
     assert sdpa and all(isinstance(rate, torch.fx.Node) for rate in rates)  # read from the module, not baked in
     for name, module in gm.named_modules():

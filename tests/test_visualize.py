@@ -19,6 +19,7 @@ from models import make_inputs, make_model
 
 import fx_lntune as fl
 from fx_lntune import visualize as viz
+from passes.split_layers import inline_layers
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "visualize_graph.py"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -87,7 +88,7 @@ def test_tool_on_a_model_directory_writes_dot_svg_and_summary(arch, tmp_path, mo
     _, gm = captured(arch)
     targets = fl.targeted_module_names(gm)
     nodes = _dot_nodes(tmp_path / "graph.dot")
-    assert len(nodes) == len(gm.graph.nodes)
+    assert len(nodes) == len(inline_layers(gm).graph.nodes)
     assert _svg_titles(out) == set(nodes)  # every node drawn, by dot
     dispatch = {attrs["target"] for attrs in nodes.values() if attrs.get("adapter_dispatch") == "True"}
     marked = {attrs["target"] for attrs in nodes.values() if attrs["label"].startswith("CHANGED")}
@@ -101,7 +102,8 @@ def test_tool_on_a_model_directory_writes_dot_svg_and_summary(arch, tmp_path, mo
 def test_dot_file_round_trips_the_networkx_graph(arch, tmp_path):
     _, gm = captured(arch)
     graph = viz.graph_to_networkx(gm)
-    assert list(graph) == [node.name for node in gm.graph.nodes]
+    flat = inline_layers(gm)  # layers are drawn where the root calls them
+    assert list(graph) == [node.name for node in flat.graph.nodes]
     viz.write_dot(graph, tmp_path / "g.dot")
     nodes = _dot_nodes(tmp_path / "g.dot")
     assert nodes.keys() == set(graph)
@@ -110,7 +112,7 @@ def test_dot_file_round_trips_the_networkx_graph(arch, tmp_path):
         for key in ("op", "target", "module_path", "module_type", "tensor_shape", "dtype"):
             assert nodes[name].get(key, "") == str(data[key]), (name, key)
     # Shapes as torch.export recorded them, e.g. (s0, s1, 32) for the output of every targeted norm.
-    for node in gm.graph.nodes:
+    for node in flat.graph.nodes:
         if node.op == "call_module" and node.target in fl.targeted_module_names(gm):
             val = node.meta["val"]
             assert graph.nodes[node.name]["tensor_shape"] == "[" + ", ".join(map(str, val.shape)) + "]"

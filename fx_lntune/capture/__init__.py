@@ -6,6 +6,9 @@ module in ``leaves`` is a ``call_module`` node. Nothing downstream knows which o
 ``tracer="auto"`` tries, in order, for a Hugging Face model: ``export`` (every architecture, any transformers
 version, dynamic shapes), then ``hf_fx`` where transformers < 5 provides it; for any other module: ``fx``
 (shape-agnostic symbolic tracing), then ``export``. The first that captures wins.
+
+Whatever the front-end, each layer of the model then becomes a GraphModule of its own that the root graph calls
+(`passes.split_layers`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from fx_lntune.capture.export import capture_export
 from fx_lntune.capture.fx import capture_fx, capture_hf_fx, hf_fx_available
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.inputs import InputPlan
+from fx_lntune.layers import find_layers
 from passes._runner import run_pass
 from passes.keyword_inputs import keyword_inputs, model_output_in_graph
 from passes.model_loss import add_model_loss
+from passes.split_layers import split_layers
 
 __all__ = ["TRACERS", "capture", "hf_fx_available"]
 
@@ -41,15 +46,29 @@ def capture(
 ) -> tuple[torch.fx.GraphModule, str]:
     """Capture ``model`` with the front-end ``tracer`` names; return the graph module and the front-end used.
 
-    Every module in ``leaves`` must become a ``call_module`` node; those in ``spare`` (normalization modules no
-    adapter targets yet) do where the front-end can, so that a later adapter can target them. With a ``plan``
-    (`fx_lntune.inputs.plan_inputs`) the capture uses its inputs and the graph gets its keyword interface:
-    optional inputs with the model's defaults and ``labels`` giving the model's loss. ``model`` is not modified.
+    Every module in ``leaves`` must become a ``call_module`` node (in the root graph or a layer's); those in
+    ``spare`` (normalization modules no adapter targets yet) do where the front-end can, so that a later adapter
+    can target them. With a ``plan`` (`fx_lntune.inputs.plan_inputs`) the capture uses its inputs and the graph
+    gets its keyword interface: optional inputs with the model's defaults and ``labels`` giving the model's loss.
+    Each of the model's repeated layers then becomes a GraphModule of its own. ``model`` is not modified.
     """
     if tracer not in TRACERS:
         raise LNTuneTraceError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}.")
     if plan is not None:
         example_inputs = plan.capture_inputs
+    gm, used = _capture_flat(model, leaves, example_inputs, tracer, spare)
+    if plan is not None:
+        _apply_plan(gm, plan)
+    return run_pass(split_layers, gm, layers=find_layers(model)), used
+
+
+def _capture_flat(
+    model: nn.Module,
+    leaves: Sequence[str],
+    example_inputs: Mapping[str, torch.Tensor],
+    tracer: str,
+    spare: Sequence[str],
+) -> tuple[torch.fx.GraphModule, str]:
     if tracer != "auto":
         gm, used = _FRONTENDS[tracer](model, leaves, example_inputs, spare), tracer
     else:
@@ -62,8 +81,6 @@ def capture(
                 errors.append(error)
         else:
             raise LNTuneTraceError(" | ".join(str(error) for error in errors)) from errors[0]
-    if plan is not None:
-        _apply_plan(gm, plan)
     return gm, used
 
 

@@ -32,9 +32,11 @@ class ReloadTracer(torch.fx.Tracer):
 
     def __init__(self) -> None:
         from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
+        from passes.checkpoint_layers import checkpointed_call
 
-        # The graph's default-filling and loss calls stay calls (run on proxies they would vanish).
-        super().__init__(autowrap_functions=GRAPH_FUNCTIONS)
+        # The graph's default-filling and loss calls, and a checkpointed layer call (`passes.checkpoint_layers`),
+        # stay calls: run on proxies they would vanish into their internals.
+        super().__init__(autowrap_functions=(*GRAPH_FUNCTIONS, checkpointed_call))
 
 
 def alias_model(model: nn.Module) -> nn.Module:

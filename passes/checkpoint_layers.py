@@ -1,0 +1,51 @@
+"""Activation checkpointing per layer: each layer call of the root graph recomputes its activations in backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils.checkpoint
+from torch.fx.passes.infra.pass_base import PassResult
+
+from passes.split_layers import layer_calls
+
+__all__ = ["checkpoint_layers", "checkpointed_call"]
+
+
+@torch.fx.wrap
+def checkpointed_call(layer: torch.nn.Module, *args):
+    """``layer(*args)`` under non-reentrant `torch.utils.checkpoint`: only the inputs are kept for backward.
+
+    A function of its own (wrapped for torch.fx), so that a pickled graph, which torch.fx re-traces on load,
+    keeps the call as one node instead of tracing into the checkpoint machinery.
+    """
+    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+
+
+def checkpoint_layers(gm: torch.fx.GraphModule, *, enabled: bool) -> PassResult:
+    """Route every layer call of the root graph through `checkpointed_call`, or back to ``call_module`` (in place).
+
+    The call node keeps its name, so turning checkpointing off gives the plain graph's code back exactly. Before,
+    with ``enabled=True``::
+
+        model_layers_0 = call_module[model.layers.0](hidden, cos, sin)
+
+    after::
+
+        model_layers_0_1 = get_attr[model.layers.0]
+        model_layers_0 = call_function[checkpointed_call](model_layers_0_1, hidden, cos, sin)
+    """
+    modified = False
+    graph = gm.graph
+    for node, path in layer_calls(gm):
+        if enabled and node.op == "call_module":
+            with graph.inserting_before(node):
+                layer = graph.get_attr(path)
+            node.op, node.target, node.args = "call_function", checkpointed_call, (layer, *node.args)
+            modified = True
+        elif not enabled and node.op == "call_function":
+            layer = node.args[0]
+            node.op, node.target, node.args = "call_module", path, tuple(node.args[1:])
+            graph.erase_node(layer)
+            modified = True
+    return PassResult(gm, modified)
