@@ -1,7 +1,7 @@
 """Every benchmark of fx-lntune in one run, printed as one Markdown table with the machine it ran on.
 
-Run: ``python benchmarks/run_all.py [--steps N] [--skip-compile] [--skip-meta]``. Not a test: nothing is
-asserted; the "target" column says what we aim for.
+Run: ``python benchmarks/run_all.py [--steps N] [--skip-compile] [--skip-meta] [--skip-generate]``. Not a test:
+nothing is asserted; the "target" column says what we aim for.
 
 Method. Timings are A/B interleaved in one process (ours, then the reference, then ours again ...) after a
 warm-up, and a row's value is the median of the per-pair ratios, so that load from other processes hits both
@@ -455,10 +455,11 @@ def main() -> None:
         rows.append(set_adapter_row(case))
         print(f"done: {case.name}", file=sys.stderr, flush=True)
     if not args.skip_generate:
-        rows += generation_rows("small llama", small_llama(), args.steps)
+        pairs = min(args.steps, 10)  # each round generates 2 x 130 tokens per side
+        rows += generation_rows("small llama", small_llama(), pairs)
         print("done: small llama generation", file=sys.stderr, flush=True)
         if smollm2.available() is None:
-            rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], args.steps)
+            rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             print("done: SmolLM2 generation", file=sys.stderr, flush=True)
         else:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
