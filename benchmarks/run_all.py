@@ -1,7 +1,7 @@
 """Every benchmark of fx-lntune in one run, printed as one Markdown table with the machine it ran on.
 
-Run: ``python benchmarks/run_all.py [--steps N] [--skip-compile] [--skip-meta]``. Not a test: nothing is
-asserted; the "target" column says what we aim for.
+Run: ``python benchmarks/run_all.py [--steps N] [--skip-compile] [--skip-meta] [--skip-generate]``. Not a test:
+nothing is asserted; the "target" column says what we aim for.
 
 Method. Timings are A/B interleaved in one process (ours, then the reference, then ours again ...) after a
 warm-up, and a row's value is the median of the per-pair ratios, so that load from other processes hits both
@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,9 @@ from transformers import BertForSequenceClassification
 import fx_lntune as fl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import smollm2  # noqa: E402 - the packaged SmolLM2-135M-Instruct, converted once as the LLM demo does
 from demo import model_directory  # noqa: E402 - the packaged MiniLM, found as the demo finds it
+from demo_llm import onnx_generate  # noqa: E402 - the demo's greedy onnxruntime loop over the decoder with past
 
 LLAMA_70B = dict(
     hidden_size=8192,
@@ -51,6 +54,7 @@ LLAMA_70B = dict(
     vocab_size=32000,
 )
 BATCH, SEQ = 4, 128
+PROMPT, NEW_TOKENS = 32, 64  # generation rows: batch 1
 
 Row = tuple[str, str, str, str]  # measurement, value, detail, target
 
@@ -377,6 +381,95 @@ def meta_rows(name: str, config: dict, target_s: float) -> list[Row]:
     ]
 
 
+def generation_rows(name: str, model: torch.nn.Module, pairs: int) -> list[Row]:
+    """Greedy generation of ``NEW_TOKENS`` tokens (``min_new_tokens`` too, so that no eos ends it early) from a
+    ``PROMPT``-token prompt: ``fl.generate`` of the tuned graph against Hugging Face ``generate`` of the eager model
+    with its default cache; the time to the first token (``max_new_tokens=1``: the prefill); and the onnxruntime
+    greedy loop over the ``export_onnx(..., kv_cache=True)`` decoder, per new token (the time of 64 tokens minus
+    that of 1, over 63), against the eager model's."""
+    model = model.eval()
+    gm = fl.lntune_transform(model, fl.LNTuningConfig())
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(100, model.config.vocab_size, (1, PROMPT), generator=generator),
+        "attention_mask": torch.ones(1, PROMPT, dtype=torch.long),
+    }
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+
+    def run(generate: Callable, new_tokens: int) -> Callable[[], None]:
+        def timed() -> None:
+            with torch.no_grad():
+                out = generate(
+                    **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+                )
+            assert out.shape[1] == PROMPT + new_tokens
+
+        return timed
+
+    def ours(**kwargs) -> torch.Tensor:
+        return fl.generate(gm, **kwargs)
+
+    fns = {
+        "ours": run(ours, NEW_TOKENS),
+        "eager": run(model.generate, NEW_TOKENS),
+        "ours_first": run(ours, 1),
+        "eager_first": run(model.generate, 1),
+    }
+    onnx_note = ""
+    try:
+        import onnxruntime
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = fl.export_onnx(gm, Path(scratch) / "decoder.onnx", inputs, kv_cache=True)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        # The loop runs to max_new_tokens (no eos given), as min_new_tokens makes the others do.
+        def onnx(new_tokens: int) -> Callable[[], None]:
+            return lambda: onnx_generate(None, **inputs, max_new_tokens=new_tokens, session=session)
+
+        fns.update(onnx=onnx(NEW_TOKENS), onnx_first=onnx(1))
+        eos = model.generation_config.eos_token_id
+        with torch.no_grad():
+            expected = fl.generate(gm, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
+        got = onnx_generate(
+            None, **inputs, max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=pad, session=session
+        )
+        onnx_note = "; same greedy tokens as fl.generate" if torch.equal(got, expected) else "; TOKENS DIFFER"
+    except ImportError as error:
+        onnx_note = f"skipped: {error}"
+    times = interleaved(fns, pairs, warmup=1)
+    rows = [
+        ratio_row(
+            f"{name}: generate {NEW_TOKENS} tokens from {PROMPT}, fl.generate / HF generate",
+            times,
+            "ours",
+            "eager",
+            "<= 1.05",
+        ),
+        ratio_row(
+            f"{name}: time to first token, fl.generate / HF generate", times, "ours_first", "eager_first", "<= 1.05"
+        ),
+    ]
+    if "onnx" in fns:
+        per_token = {
+            side: (statistics.median(times[side]) - statistics.median(times[f"{side}_first"])) / (NEW_TOKENS - 1)
+            for side in ("onnx", "eager")
+        }
+        detail = f"{1e3 * per_token['onnx']:.2f} ms vs {1e3 * per_token['eager']:.2f} ms per token{onnx_note}"
+        rows.append(
+            (
+                f"{name}: onnxruntime decoder with past, per new token / eager",
+                f"{per_token['onnx'] / per_token['eager']:.3f}",
+                detail,
+                "<= 1.00",
+            )
+        )
+    else:
+        rows.append((f"{name}: onnxruntime decoder with past, per new token / eager", "-", onnx_note, "<= 1.00"))
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -400,6 +493,7 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('' to skip)")
     parser.add_argument("--skip-meta", action="store_true", help="skip the 7B / 70B meta-device transforms")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing rows")
+    parser.add_argument("--skip-generate", action="store_true", help="skip the generation rows (small llama, SmolLM2)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
@@ -417,6 +511,15 @@ def main() -> None:
         rows.append(transform_row(case))
         rows.append(set_adapter_row(case))
         print(f"done: {case.name}", file=sys.stderr, flush=True)
+    if not args.skip_generate and not args.checkpointing_only:
+        pairs = min(args.steps, 10)  # each round generates 2 x 130 tokens per side
+        rows += generation_rows("small llama", small_llama(), pairs)
+        print("done: small llama generation", file=sys.stderr, flush=True)
+        if smollm2.available() is None:
+            rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
+            print("done: SmolLM2 generation", file=sys.stderr, flush=True)
+        else:
+            rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
     if not args.skip_meta and not args.checkpointing_only:
         rows += meta_rows("7B", LLAMA_7B, 10)
         rows += meta_rows("70B", LLAMA_70B, 30)
