@@ -103,7 +103,6 @@ def test_perturbed_adapter_graph_equals_peft_generate(smol):
     assert not torch.equal(base_tokens(smol), expected)
 
 
-@pytest.mark.skipif(not hasattr(fl, "generate"), reason="fl.generate is not on this branch yet (issue 12 item 1)")
 def test_generate_equals_peft_generate(smol):
     """fl.generate (KV cache) with the perturbed adapter gives PEFT's greedy tokens; inside disable_adapters, the
     base model's."""
