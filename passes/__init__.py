@@ -1,14 +1,19 @@
 """The graph passes of fx-lntune: each a function over a GraphModule returning a ``PassResult``."""
 
+from passes.checkpoint_layers import checkpoint_layers
 from passes.device import follow_input_device
 from passes.dropout import fold_dropout
 from passes.dtype import follow_weight_dtype
 from passes.fold import fold_module_calls
 from passes.inject import inject_adapters
 from passes.merge import merge_adapters, unmerge_adapters
+from passes.split_layers import inline_layers, split_layers
 from passes.unload import unload_adapters
 
 __all__ = [
+    "checkpoint_layers",
+    "inline_layers",
+    "split_layers",
     "follow_input_device",
     "fold_dropout",
     "follow_weight_dtype",
