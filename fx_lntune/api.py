@@ -10,6 +10,7 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture import capture
+from fx_lntune.capture.cache import caching
 from fx_lntune.config import (
     LNTuningConfig,
     as_config,
@@ -45,6 +46,7 @@ def lntune_transform(
     tracer: str = "auto",
     input_names: Sequence[str] | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
+    cache: bool = True,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` as a ``torch.fx.GraphModule`` and give it the LN-tuning adapter ``adapter_name``.
 
@@ -56,6 +58,9 @@ def lntune_transform(
     ``example_inputs`` (keyword tensors) drive the capture; without them, small dummy inputs are made for
     ``input_names`` (default: the inputs a user of this model class passes). The graph accepts any batch
     size and sequence length, by keyword with the same names.
+
+    ``cache``: reuse (and store) the raw capture in the on-disk capture cache (``$FX_LNTUNE_CACHE_DIR``, default
+    ``~/.cache/fx-lntune``; see `fx_lntune.capture.cache`); ``False`` captures afresh and writes nothing.
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
@@ -67,7 +72,8 @@ def lntune_transform(
     saved = resolve_modules_to_save(model, config)
     inputs = _example_inputs(model, input_names, example_inputs)
 
-    gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
+    with caching(cache):
+        gm, used = capture(model, [*targets, *saved], inputs, tracer, spare=_spare_norms(model, [*targets, *saved]))
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     state = LNTuneState(
