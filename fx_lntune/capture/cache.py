@@ -96,8 +96,9 @@ class _Unsupported(Exception):
 
 @contextlib.contextmanager
 def caching(enabled: bool) -> Iterator[None]:
-    """Turn the capture cache on or off for the captures inside the block (``lntune_transform``'s ``cache=``)."""
-    token = _enabled.set(bool(enabled))
+    """Turn the capture cache off for the captures inside the block when ``enabled`` is false
+    (``lntune_transform``'s ``cache=``); ``True`` leaves it as the enclosing block set it."""
+    token = _enabled.set(_enabled.get() and bool(enabled))
     try:
         yield
     finally:
