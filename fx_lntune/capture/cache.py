@@ -513,6 +513,8 @@ class _Writer:
         self.blobs: list[bytes] = []
         self.offset = 0
         self.shape_env = None
+        self.storages: list[Any] = []
+        self.storage_index: dict[tuple[int, torch.dtype], int] = {}
 
     def write(self, graph: torch.fx.Graph) -> tuple[dict[str, Any], list[bytes]]:
         from torch.utils._pytree import treespec_dumps
@@ -532,6 +534,7 @@ class _Writer:
             "constants": self.constants,
             "exprs": self.exprs,
             "symbols": self.symbols,
+            "storages": self.storages,
             "input_shapes": self._input_shapes(graph),
         }
         return program, self.blobs
@@ -657,6 +660,7 @@ class _Writer:
                     str(value.dtype).removeprefix("torch."),
                     str(value.device),
                     value.requires_grad,
+                    self._storage(value),
                 ]
             }
         if isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat)):
@@ -668,6 +672,18 @@ class _Writer:
         if isinstance(value, torch.Tensor):
             raise _Unsupported("a real tensor as node value")
         return self._value(value)
+
+    def _storage(self, value: torch.Tensor) -> int:
+        """The index of ``value``'s storage (per dtype), so that values sharing storage (views) share it again."""
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        storage = value.untyped_storage()
+        key = (StorageWeakRef(storage).cdata, value.dtype)
+        index = self.storage_index.get(key)
+        if index is None:
+            index = self.storage_index[key] = len(self.storages)
+            self.storages.append(self._size(storage.nbytes() // value.element_size()))
+        return index
 
     def _size(self, size: Any) -> Any:
         if isinstance(size, torch.SymInt):
@@ -781,6 +797,7 @@ class _Reader:
         self.exprs: list[sympy.Basic | None] = [None] * len(program["exprs"])
         self.symnodes: dict[tuple[str, int], Any] = {}
         self.devices: dict[str, torch.device] = {}
+        self.bases: dict[int, torch.Tensor] = {}
 
     def read(self) -> tuple[torch.fx.Graph, nn.Module]:
         from torch.utils._pytree import treespec_loads
@@ -876,15 +893,16 @@ class _Reader:
                 return items if "l" in value else tuple(items)
         return self._value(value, {})
 
-    def _fake(self, shape, stride, offset, dtype, device, requires_grad) -> torch.Tensor:
+    def _fake(self, shape, stride, offset, dtype, device, requires_grad, storage) -> torch.Tensor:
+        """A fake tensor with the saved sizes, strides and offset, viewing the storage of its saved storage group
+        (a flat meta tensor of the saved length: cheaper to make with symbolic sizes than a strided one)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
-        sizes = [self._size(s) for s in shape]
-        strides = [self._size(s) for s in stride]
-        elem = torch.empty_strided(sizes, strides, dtype=_DTYPES[dtype], device="meta")
-        storage_offset = self._size(offset)
-        if storage_offset != 0:
-            elem = elem.as_strided(sizes, strides, storage_offset)
+        base = self.bases.get(storage)
+        if base is None:
+            numel = self._size(self.program["storages"][storage])
+            base = self.bases[storage] = torch.empty((numel,), dtype=_DTYPES[dtype], device="meta")
+        elem = base.as_strided([self._size(s) for s in shape], [self._size(s) for s in stride], self._size(offset))
         target = self.devices.get(device)
         if target is None:
             target = self.devices[device] = torch.device(device)
