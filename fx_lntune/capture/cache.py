@@ -12,8 +12,9 @@ the model made in its forward (export lifts them; they are no state of the model
 Format and safety. An entry is one file: a magic line, a JSON header (format version, the full key, a SHA-256 of
 the payload, the payload's length) and the payload: our own JSON description of the graphs followed by the raw
 bytes of the constants. Loading parses JSON and copies bytes into tensors (`torch.frombuffer`); nothing is
-unpickled, no Python expression is evaluated: call targets resolve only to ``torch.ops`` operators or to functions
-of an allowlist of modules (``operator``, ``math``, ``builtins``, ``torch``), symbolic sizes are rebuilt from
+unpickled, no Python expression is evaluated: nodes are only placeholders, attribute reads (no ``__`` names),
+module calls, outputs and function calls; call targets resolve only to ``torch.ops`` operators or to a fixed list
+of pure functions (`_FUNCTIONS`: arithmetic, indexing, torch's symbolic-size helpers), symbolic sizes are rebuilt from
 an expression tree of allowlisted sympy classes, and tree specs are read by `torch.utils._pytree.treespec_loads`
 (which only accepts registered types). A corrupt, truncated or foreign entry (another key inside, a bad checksum,
 a node that does not rebuild) is ignored with a warning, and the fresh capture overwrites it. Entries are written
@@ -41,7 +42,6 @@ import contextlib
 import contextvars
 import functools
 import hashlib
-import importlib
 import inspect
 import json
 import logging
@@ -138,6 +138,10 @@ def capture_key(model: nn.Module, example_inputs: Mapping[str, Any], dynamic_sha
         }
     except _Unsupported as why:
         log.info("capture cache: not cacheable: %s", why)
+        STATS["uncacheable"] += 1
+        return None
+    except Exception as error:  # noqa: BLE001 - a cache must never break a capture
+        warnings.warn(f"fx-lntune could not key this capture for its cache: {error!r}", CacheWarning, 2)
         STATS["uncacheable"] += 1
         return None
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -321,6 +325,10 @@ def store(key: str | None, graph: torch.fx.Graph, unlifted: nn.Module, model: nn
         log.info("capture cache: not cacheable: %s", why)
         STATS["uncacheable"] += 1
         return
+    except Exception as error:  # noqa: BLE001 - a cache must never break a capture
+        warnings.warn(f"fx-lntune could not describe this capture for its cache: {error!r}", CacheWarning, 2)
+        STATS["uncacheable"] += 1
+        return
     program["training"] = training
     body = json.dumps(program, separators=(",", ":"), allow_nan=False).encode()
     payload = body + b"".join(blobs)
@@ -480,7 +488,22 @@ _MEMORY_FORMATS = {
     str(fmt).removeprefix("torch."): fmt
     for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format)
 }
-_FUNCTION_MODULES = ("operator", "_operator", "math", "builtins", "torch")
+# The Python functions (not torch.ops operators) a cached graph may call: pure arithmetic, comparisons and
+# indexing, torch's symbolic-size helpers and its grad-mode / autocast switches. Nothing that reaches attributes
+# by name, calls a value, or touches files: a forged entry can describe no other call.
+_OPERATORS = (
+    "getitem add sub mul truediv floordiv mod pow neg pos abs eq ne lt le gt ge and_ or_ xor not_ invert "
+    "lshift rshift matmul truth"
+).split()
+_FUNCTIONS = frozenset(
+    [(module, name) for module in ("operator", "_operator") for name in _OPERATORS]
+    + [("math", name) for name in ("ceil", "floor", "trunc", "sqrt", "log", "exp", "log2", "isnan", "isinf")]
+    + [("torch", name) for name in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum")]
+    + [("torch", "sym_sqrt"), ("torch", "_sym_sqrt"), ("torch", "_assert"), ("torch._C", "_set_grad_enabled")]
+    + [("torch.amp.autocast_mode", "_enter_autocast"), ("torch.amp.autocast_mode", "_exit_autocast")]
+    + [("torch.fx.experimental.sym_node", "sym_sqrt")]
+)
+_OPS = frozenset({"placeholder", "get_attr", "call_function", "call_module", "output"})
 _KEPT_META = ("val", "tensor_meta", "nn_module_stack", "torch_fn", "custom", "stack_trace", "seq_nr")
 _DROPPED_META = frozenset({"from_node"})
 _SEQUENCES = (list, tuple, torch.fx.immutable_collections.immutable_list)
@@ -603,6 +626,8 @@ class _Writer:
     def _graph(self, graph: torch.fx.Graph) -> list[Any]:
         nodes = []
         for node in graph.nodes:
+            if node.op not in _OPS:
+                raise _Unsupported(f"a {node.op} node")
             meta = {}
             for key, value in node.meta.items():
                 if key in _DROPPED_META:
@@ -622,7 +647,7 @@ class _Writer:
                 raise _Unsupported(f"higher-order operator {fn}")
             return {"hop": fn.__name__}
         module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-        if module and qualname and module.split(".")[0] in _FUNCTION_MODULES:
+        if module and qualname:
             with contextlib.suppress(Exception):
                 if _resolve_function(module, qualname) is fn:
                     return {"fn": [module, qualname]}
@@ -757,20 +782,13 @@ class _Writer:
 
 
 def _resolve_function(module: str, qualname: str) -> Any:
-    """``module.qualname`` for a module of the allowlist; torch's submodules only when already imported."""
-    top = module.split(".")[0]
-    if top not in _FUNCTION_MODULES:
-        raise ValueError(f"functions of module {module!r} are not loaded from a cache entry")
-    obj: Any = sys.modules.get(module) if top == "torch" else importlib.import_module(module)
+    """``module.qualname`` if it is one of `_FUNCTIONS` (of a module already imported); else ValueError."""
+    if (module, qualname) not in _FUNCTIONS:
+        raise ValueError(f"{module}.{qualname} is not one of the functions loaded from a cache entry")
+    obj: Any = sys.modules.get(module)
     if obj is None:
         raise ValueError(f"module {module!r} is not imported")
-    for part in qualname.split("."):
-        if part.startswith("__") or part == "<locals>":
-            raise ValueError(f"cannot resolve {module}.{qualname}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{module}.{qualname} is not callable")
-    return obj
+    return getattr(obj, qualname)
 
 
 # ------------------------------------------------------------------------------------------ graph reader
@@ -836,9 +854,11 @@ class _Reader:
     def _graph(self, nodes: list[Any], graph: torch.fx.Graph) -> torch.fx.Graph:
         env: dict[str, torch.fx.Node] = {}
         for op, name, target, args, kwargs, meta in nodes:
+            if op not in _OPS:
+                raise ValueError(f"node {name} is a {op!r} node")
             if op == "call_function":
                 target = self._function(target)
-            elif not isinstance(target, str):
+            elif not isinstance(target, str) or "__" in target:
                 raise ValueError(f"node {name} has target {target!r}")
             node = graph.create_node(op, target, self._value(args, env), self._value(kwargs, env), name=name)
             if node.name != name:
