@@ -31,6 +31,11 @@ from fx_lntune.inputs import dynamic_shapes_for
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "cache_worker.py"
 OTHER_SHAPE = {"batch": 3, "seq": 5, "seed": 1}
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# Under transformers 4.57 export puts an autocast / mask-index region into llama's, mistral's, gemma2's and gpt2's
+# graph as a higher-order op whose constant argument is a Python function: not describable, so not cached there.
+UNCACHEABLE_ON_4 = pytest.mark.skipif(not TRANSFORMERS_5, reason="not cacheable under transformers 4 (see above)")
+WARM_ARCH = "llama" if TRANSFORMERS_5 else "bert"
 
 
 @pytest.fixture
@@ -85,13 +90,13 @@ def _entries(directory: Path) -> list[Path]:
 
 def test_a_second_process_loads_the_capture_and_equals_a_cold_one(cache_dir):
     with cache.caching(False):  # nothing in this test's cache directory before the first process
-        _, reference = captured("llama")
-    first = _result(_worker("llama", cache_dir))
+        _, reference = captured(WARM_ARCH)
+    first = _result(_worker(WARM_ARCH, cache_dir))
     assert first["stats"].get("writes") == 1 and not first["stats"].get("hits")
-    second = _result(_worker("llama", cache_dir))
+    second = _result(_worker(WARM_ARCH, cache_dir))
     assert second["stats"].get("hits") == 1 and not second["stats"].get("writes")
     assert second["code"] == first["code"] == reference.code
-    expected = _logits(reference, "llama")
+    expected = _logits(reference, WARM_ARCH)
     for run in (first, second):  # the warm graph takes another batch size and length: shapes stayed symbolic
         assert torch.equal(torch.tensor(run["logits"]), expected)
 
@@ -109,6 +114,7 @@ def test_two_processes_writing_one_entry_at_once_leave_a_valid_entry(cache_dir):
     assert torch.equal(_logits(warm, "bert"), _logits(cold, "bert"))
 
 
+@UNCACHEABLE_ON_4
 def test_a_warm_capture_shares_the_new_models_weights_and_keeps_node_metadata(cache_dir):
     model, cold = _cold("gemma2")  # gemma2 lifts a tensor constant (its embedding normalizer) into the graph
     fl.lntune_transform(model, fl.LNTuningConfig(), example_inputs=make_inputs("gemma2"))  # writes
