@@ -112,15 +112,18 @@ def minilm_case() -> Case:
     return Case("MiniLM", model, inputs, loss, lambda targets: peft.LNTuningConfig(target_modules=targets), "LayerNorm")
 
 
-def interleaved(fns: dict[str, Callable[[], None]], pairs: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Run every function once per round, ``warmup`` + ``pairs`` rounds; the times of the last ``pairs``."""
+def interleaved(
+    fns: dict[str, Callable[[], None]], pairs: int, warmup: int = 2, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
+    """Run every function once per round, ``warmup`` + ``pairs`` rounds; the times of the last ``pairs``
+    (wall time, or ``clock``'s)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_index in range(warmup + pairs):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return times
 
 
@@ -307,14 +310,53 @@ def inference_rows(case: Case, pairs: int, compile_backend: str | None) -> list[
 
 def transform_row(case: Case, runs: int = 3) -> Row:
     def ours() -> None:
-        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
+        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs, cache=False)
 
     def theirs() -> None:
         peft.get_peft_model(copy.deepcopy(case.model), copy.deepcopy(case.peft_config))
 
     times = interleaved({"ours": ours, "peft": theirs}, runs, warmup=0)
-    label, value, detail, _ = ratio_row(f"{case.name}: lntune_transform / get_peft_model", times, "ours", "peft", "")
+    label, value, detail, _ = ratio_row(
+        f"{case.name}: lntune_transform (cold) / get_peft_model", times, "ours", "peft", ""
+    )
     return label, value, detail + " (PEFT's includes a deepcopy of the model)", "none (capture is a one-off)"
+
+
+def capture_rows(case: Case, runs: int = 3) -> list[Row]:
+    """Cold capture (cache off) against a warm one (loaded from a fresh on-disk capture cache) and against a bare
+    ``torch.export.export`` of the same model with the same inputs and dynamic dims, interleaved."""
+    from fx_lntune.capture._build import capture_mode
+    from fx_lntune.inputs import dynamic_shapes_for
+
+    previous = os.environ.get("FX_LNTUNE_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as directory:
+        os.environ["FX_LNTUNE_CACHE_DIR"] = directory
+        try:
+            fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)  # writes the entry
+
+            def cold() -> None:
+                fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs, cache=False)
+
+            def warm() -> None:
+                fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
+
+            def bare() -> None:  # with the KV cache off and in training mode, as ours captures
+                with capture_mode(case.model, training=True):
+                    torch.export.export(
+                        case.model, (), dict(case.inputs), strict=False, dynamic_shapes=dynamic_shapes_for(case.inputs)
+                    )
+
+            # CPU time: a capture is single-threaded Python, and wall time on a loaded machine is mostly waiting.
+            times = interleaved({"cold": cold, "warm": warm, "export": bare}, runs, warmup=1, clock=time.process_time)
+        finally:
+            if previous is None:
+                os.environ.pop("FX_LNTUNE_CACHE_DIR", None)
+            else:
+                os.environ["FX_LNTUNE_CACHE_DIR"] = previous
+    return [
+        ratio_row(f"{case.name}: lntune_transform warm (capture cache) / cold, CPU", times, "warm", "cold", "<= 0.25"),
+        ratio_row(f"{case.name}: lntune_transform cold / bare torch.export, CPU", times, "cold", "export", "<= 1.00"),
+    ]
 
 
 def set_adapter_row(case: Case, pairs: int = 50) -> Row:
@@ -340,6 +382,9 @@ _META_CODE = """
 import json, statistics, sys, time, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 import fx_lntune as fl
+from fx_lntune.capture import cache
+from fx_lntune.capture._build import capture_mode
+from fx_lntune.inputs import default_input_names, dynamic_shapes_for, make_dummy_inputs
 with torch.device("meta"):
     model = AutoModelForCausalLM.from_config(LlamaConfig(**json.loads(sys.argv[1])))
 def peak_rss_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
@@ -355,30 +400,69 @@ for index in range(50):
     start = time.perf_counter()
     fl.set_adapter(gm, "other" if index % 2 == 0 else "default")
     switches.append(time.perf_counter() - start)
+export_cpu = None
+if sys.argv[2] == "export":  # a bare torch.export of the same model and inputs, after ours (which paid the warm-up)
+    inputs = make_dummy_inputs(model, default_input_names(model))
+    export_cpu = time.process_time()
+    with capture_mode(model, training=True):  # the KV cache off, as ours captures
+        torch.export.export(model, (), inputs, strict=False, dynamic_shapes=dynamic_shapes_for(inputs))
+    export_cpu = time.process_time() - export_cpu
 print(json.dumps(dict(wall=wall, cpu=cpu, rss_mb=peak_rss_mb(), rss_before_mb=rss_before, nodes=len(gm.graph.nodes),
-                      set_adapter_ms=1000 * statistics.median(switches))))
+                      set_adapter_ms=1000 * statistics.median(switches), cache=dict(cache.STATS),
+                      export_cpu=export_cpu)))
 """
 
 
-def meta_rows(name: str, config: dict, target_s: float) -> list[Row]:
-    """``lntune_transform`` of a Llama built on ``meta`` from ``config``, in a fresh process."""
+def _meta_run(config: dict, cache_dir: str, mode: str) -> dict:
+    env = {**os.environ, "FX_LNTUNE_CACHE_DIR": cache_dir}
     done = subprocess.run(
-        [sys.executable, "-c", _META_CODE, json.dumps(config)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _META_CODE, json.dumps(config), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
-    meta = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def meta_rows(name: str, config: dict, target_s: float, bare_export: bool = False) -> list[Row]:
+    """``lntune_transform`` of a Llama built on ``meta`` from ``config``, each in a fresh process: cold (a fresh
+    capture cache, which it fills; with ``bare_export``, then a bare ``torch.export`` of the same model in the same
+    process), then warm (a new process loading the entry)."""
+    with tempfile.TemporaryDirectory() as directory:
+        meta = _meta_run(config, directory, "export" if bare_export else "")
+        warm = _meta_run(config, directory, "")
     detail = (
         f"CPU {meta['cpu']:.1f} s; peak RSS {meta['rss_mb']:.0f} MB ({meta['rss_before_mb']:.0f} MB before); "
         f"{meta['nodes']} nodes"
     )
-    return [
+    hit = "hit" if warm["cache"].get("hits") else f"NOT a hit: {warm['cache']}"
+    rows = [
         (
-            f"lntune_transform, {name} llama on meta (wall s)",
+            f"lntune_transform, {name} llama on meta, cold (wall s)",
             f"{meta['wall']:.1f}",
             detail,
-            f"< {target_s:.0f} s, < 2 GB",
+            f"< {target_s:.0f} s, < 1 GB",
+        ),
+        (
+            f"lntune_transform, {name} llama on meta, warm: capture cache (wall s)",
+            f"{warm['wall']:.1f}",
+            f"CPU {warm['cpu']:.2f} s ({warm['cpu'] / meta['cpu']:.3f} of cold); peak RSS {warm['rss_mb']:.0f} MB; "
+            f"cache {hit}",
+            "< 2 s" if name == "7B" else "",
         ),
         (f"set_adapter on the {name} graph (ms)", f"{meta['set_adapter_ms']:.2f}", "median of 50", "< 5 ms"),
     ]
+    if bare_export:
+        rows.append(
+            (
+                f"lntune_transform cold / bare torch.export, {name} llama on meta (CPU)",
+                f"{meta['cpu'] / meta['export_cpu']:.3f}",
+                f"{meta['cpu']:.1f} s vs {meta['export_cpu']:.1f} s, one process (ours first, paying the warm-up)",
+                "<= 1.00",
+            )
+        )
+    return rows
 
 
 def generation_rows(name: str, model: torch.nn.Module, pairs: int) -> list[Row]:
@@ -497,6 +581,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
+    # Captures of this run go to a capture cache of its own (never the user's ~/.cache/fx-lntune).
+    run_cache = tempfile.TemporaryDirectory(prefix="fx-lntune-bench-cache-")
+    os.environ["FX_LNTUNE_CACHE_DIR"] = run_cache.name
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
@@ -509,6 +596,7 @@ def main() -> None:
         rows.append(memory_row(case))
         rows += inference_rows(case, args.steps, args.compile_backend or None)
         rows.append(transform_row(case))
+        rows += capture_rows(case)
         rows.append(set_adapter_row(case))
         print(f"done: {case.name}", file=sys.stderr, flush=True)
     if not args.skip_generate and not args.checkpointing_only:
@@ -521,8 +609,8 @@ def main() -> None:
         else:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
     if not args.skip_meta and not args.checkpointing_only:
-        rows += meta_rows("7B", LLAMA_7B, 10)
-        rows += meta_rows("70B", LLAMA_70B, 30)
+        rows += meta_rows("7B", LLAMA_7B, 10, bare_export=True)
+        rows += meta_rows("70B", LLAMA_70B, 25)
 
     print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     print(f"inputs: batch {BATCH} x {SEQ} tokens; {args.steps} timed A/B rounds per row after 2 warm-up rounds\n")

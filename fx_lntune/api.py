@@ -12,6 +12,7 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture import capture
+from fx_lntune.capture.cache import caching
 from fx_lntune.config import (
     LNTuningConfig,
     as_config,
@@ -21,8 +22,8 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceError
-from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.generation import generation_state
+from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 from passes._runner import run_pass
@@ -50,6 +51,7 @@ def lntune_transform(
     input_names: Sequence[str] | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
     low_cpu_mem_usage: bool = False,
+    cache: bool = True,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` as a ``torch.fx.GraphModule`` and give it the LN-tuning adapter ``adapter_name``.
 
@@ -70,6 +72,9 @@ def lntune_transform(
     ``config`` may be a dict ``{adapter_name: config}``: each adapter is added in order and the first is active
     (``adapter_name`` is then unused). ``low_cpu_mem_usage`` is accepted for PEFT's signature and, as in PEFT's
     LN tuning, changes nothing: the adapter copies are made from the base weights either way.
+
+    ``cache``: reuse (and store) the raw capture in the on-disk capture cache (``$FX_LNTUNE_CACHE_DIR``, default
+    ``~/.cache/fx-lntune``; see `fx_lntune.capture.cache`); ``False`` captures afresh and writes nothing.
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
@@ -91,7 +96,8 @@ def lntune_transform(
     plan = plan_inputs(model, inputs)
 
     leaves = [*targets, *saved, *(path for path in others if path not in targets and path not in saved)]
-    gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
+    with caching(cache):
+        gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     state = LNTuneState(
@@ -136,7 +142,10 @@ def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, loc
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor) or value.is_meta:
             continue
-        storage = (value.device, value.untyped_storage().data_ptr())
+        try:
+            storage = (value.device, value.untyped_storage().data_ptr())
+        except RuntimeError:  # a tensor subclass with no storage of its own (FSDP's DTensor shards): nothing shared
+            continue
         if storage in seen:
             state_dict[key] = value.detach().clone()
         else:

@@ -9,6 +9,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.capture import cache as capture_cache
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
 from passes._runner import run_pass
@@ -36,6 +37,29 @@ def capture_export(
     The model is captured in training mode, so that dropout appears in the graph, and falls back to evaluation
     mode where training-only code cannot be captured. Works on a copy: ``model`` is left as it was.
     """
+    key = capture_cache.capture_key(model, example_inputs, dynamic_shapes_for(example_inputs))
+    cached = capture_cache.load(key, model, example_inputs)
+    if cached is not None:
+        graph, unlifted = cached
+    else:
+        graph, unlifted, training = _export(model, example_inputs)
+        capture_cache.store(key, graph, unlifted, model, training)
+    shell = alias_model(model)
+    dropouts = [name for name, module in shell.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
+    gm = build_graph_module(
+        shell, graph, leaves=[*leaves, *spare, *dropouts], fallback=unlifted, class_name=type(model).__name__
+    )
+    gm = run_pass(fold_module_calls, gm, paths=[*leaves, *spare, *dropouts], required=leaves)
+    gm = run_pass(fold_dropout, gm, cleanup=True)
+    gm = run_pass(follow_input_device, gm)
+    gm = run_pass(follow_weight_dtype, gm)
+    gm.train(model.training)
+    return gm
+
+
+def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.fx.Graph, nn.Module, bool]:
+    """The raw capture: export's unlifted graph without its shape checks, the module holding its constants and
+    subgraphs, and whether it was captured in training mode. What the capture cache stores."""
     errors = []
     for training in (True, False):
         try:
@@ -71,17 +95,7 @@ def capture_export(
                     module.graph.erase_node(node)
             if module is not unlifted:
                 module.recompile()
-    shell = alias_model(model)
-    dropouts = [name for name, module in shell.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
-    gm = build_graph_module(
-        shell, graph, leaves=[*leaves, *spare, *dropouts], fallback=unlifted, class_name=type(model).__name__
-    )
-    gm = run_pass(fold_module_calls, gm, paths=[*leaves, *spare, *dropouts], required=leaves)
-    gm = run_pass(fold_dropout, gm, cleanup=True)
-    gm = run_pass(follow_input_device, gm)
-    gm = run_pass(follow_weight_dtype, gm)
-    gm.train(model.training)
-    return gm
+    return graph, unlifted, training
 
 
 @contextlib.contextmanager
