@@ -26,6 +26,10 @@ def inject_adapters(
 ) -> PassResult:
     """Give ``adapter_name`` a copy of every module in ``targets`` and ``modules_to_save`` (in place).
 
+    The low-level half of `fx_lntune.add_adapter`: this pass only changes modules. It does not register the
+    adapter in the graph's state (``gm.meta["fx_lntune"]``) nor choose what trains; ``add_adapter`` does both,
+    and is what users call. Run alone, the new copies exist but no adapter function knows them.
+
     A module seen for the first time is wrapped in a dispatch module at the same path; the graph's nodes keep
     their targets and only gain a mark in ``node.meta["fx_lntune"]``. Before, for ``targets=["ln"]``::
 

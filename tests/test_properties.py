@@ -229,7 +229,7 @@ class AdapterMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from([n for n in NAMES if n not in self.adapters]), label="name")
         with tempfile.TemporaryDirectory() as directory:
             fl.save_adapter(self.gm, directory, source)
-            assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+            assert sorted(os.listdir(directory)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
             fl.load_adapter(self.gm, directory, name)
         original = self.adapters[source]
         weights = {path: _clone(state) for path, state in original.weights.items()}
