@@ -25,6 +25,7 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.adapters import merge_and_unload
+from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
 from fx_lntune.inputs import dynamic_shapes_for
@@ -36,9 +37,14 @@ from passes.trace_sizes import frozen_size_users, trace_sizes
 __all__ = ["export_torchscript", "export_onnx", "export_program"]
 
 ONNX_EXTRA = "pip install fx-lntune[onnx]"
-# transformers 4.x builds attention masks with torch.vmap; export records it as these calls.
+# transformers 4.x builds attention masks with torch.vmap; export records it as these calls, and the hf_fx
+# front-end keeps each mask builder as a call of `hf_attention_mask`, which runs one when exported.
 _VMAP_OPS = frozenset(
-    {torch._functorch.predispatch._vmap_increment_nesting, torch._functorch.predispatch._add_batch_dim}
+    {
+        torch._functorch.predispatch._vmap_increment_nesting,
+        torch._functorch.predispatch._add_batch_dim,
+        hf_attention_mask,
+    }
 )
 
 

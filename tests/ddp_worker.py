@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -107,8 +109,27 @@ def main() -> None:
         gm = tuned_llama()
         run_ddp(copy.deepcopy(gm), args.out)
         run_fsdp(gm, args.out)
+        dist.barrier()  # no rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
+    _exit_before_interpreter_teardown()
+
+
+def _exit_before_interpreter_teardown() -> None:
+    """End a rank that finished cleanly without Python's interpreter finalization.
+
+    ``destroy_process_group`` does not stop gloo's C++ threads (two ``pt_gloo_runloop`` workers and the
+    ``gloo_tcp_loop``): they live as long as the ``ProcessGroupGloo`` object, which DTensor's sharding caches
+    keep referenced (through the FSDP2 mesh) until the interpreter is torn down. A worker thread that frees the
+    tensors of its last collective needs the GIL; once finalization has begun CPython ends such a thread with
+    ``pthread_exit``, whose unwinding through a ``noexcept`` C++ frame calls ``std::terminate``: "terminate
+    called without an active exception", SIGABRT. The window is the moment between a collective's completion
+    and its worker thread releasing it, so it opens only when the machine is busy. Every output is written and
+    closed by now, so the rank flushes its streams and exits at once, with those threads idle.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 For every tiny test architecture and every front-end this transformers version offers: does it capture, does
 the tuned graph reproduce the model at another batch/sequence size, and how long the capture took.
-Run: ``python tools/coverage_table.py`` (from the repository root, with the test extra installed).
+Run: ``python tools/coverage_table.py [--tracer NAME] [ARCH ...]`` (from the repository root, with the test extra
+installed) once per environment; the README merges the columns. ``--tracer`` prints one front-end's column only.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -45,11 +47,17 @@ def check(arch: str, tracer: str) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tracer", choices=("export", "hf_fx"), help="print this front-end's column only")
+    parser.add_argument("archs", nargs="*", help="architectures (default: all)")
+    args = parser.parse_args()
     tracers = ["export"] + (["hf_fx"] if hf_fx_available() else [])
+    if args.tracer:
+        tracers = [t for t in tracers if t == args.tracer]
     version = transformers.__version__
     print(f"| architecture | {' | '.join(f'{t} (transformers {version})' for t in tracers)} |")
     print(f"|---|{'---|' * len(tracers)}")
-    for arch in sys.argv[1:] or ALL_ARCHITECTURES:
+    for arch in args.archs or ALL_ARCHITECTURES:
         print(f"| {arch} | {' | '.join(check(arch, t) for t in tracers)} |", flush=True)
 
 
