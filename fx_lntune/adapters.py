@@ -32,11 +32,11 @@ from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveD
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
 from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.inject import NODE_MARK, inject_adapters
+from fx_lntune.passes.merge import merge_adapters, unmerge_adapters
+from fx_lntune.passes.unload import unload_adapters
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
-from passes._runner import run_pass
-from passes.inject import NODE_MARK, inject_adapters
-from passes.merge import merge_adapters, unmerge_adapters
-from passes.unload import unload_adapters
 
 __all__ = [
     "add_adapter",

@@ -25,9 +25,9 @@ from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceE
 from fx_lntune.generation import generation_state
 from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.inject import inject_adapters
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
-from passes._runner import run_pass
-from passes.inject import inject_adapters
 
 __all__ = [
     "lntune_transform",

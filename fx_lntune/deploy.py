@@ -29,10 +29,10 @@ from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
 from fx_lntune.inputs import dynamic_shapes_for
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.split_layers import inline_layers, layer_calls
+from fx_lntune.passes.trace_sizes import frozen_size_users, trace_sizes
 from fx_lntune.state import META_KEY, LNTuneState
-from passes._runner import run_pass
-from passes.split_layers import inline_layers, layer_calls
-from passes.trace_sizes import frozen_size_users, trace_sizes
 
 __all__ = ["export_torchscript", "export_onnx", "export_program"]
 

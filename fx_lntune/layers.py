@@ -12,10 +12,10 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.checkpoint_layers import checkpoint_layers
+from fx_lntune.passes.split_layers import layer_calls
 from fx_lntune.state import get_state
-from passes._runner import run_pass
-from passes.checkpoint_layers import checkpoint_layers
-from passes.split_layers import layer_calls
 
 __all__ = ["find_layers", "layer_modules", "gradient_checkpointing", "graph_modules", "leaf_calls"]
 

@@ -30,8 +30,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lntune.api import print_trainable_parameters
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneExportError, LNTuneTraceError
+from fx_lntune.passes.split_layers import inline_layers, layer_calls
 from fx_lntune.state import META_KEY, dispatch_modules, get_state
-from passes.split_layers import inline_layers, layer_calls
 
 __all__ = [
     "PICTURE_FORMATS",

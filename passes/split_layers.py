@@ -174,7 +174,7 @@ def _class_name(module_type: object) -> str:
 
 def layer_calls(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str]]:
     """The root graph's calls of layer modules (plain or checkpointed), with each layer's path, in call order."""
-    from passes.checkpoint_layers import checkpointed_call
+    from fx_lntune.passes.checkpoint_layers import checkpointed_call
 
     found = []
     for node in gm.graph.nodes:

@@ -32,7 +32,7 @@ class ReloadTracer(torch.fx.Tracer):
 
     def __init__(self) -> None:
         from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
-        from passes.checkpoint_layers import checkpointed_call
+        from fx_lntune.passes.checkpoint_layers import checkpointed_call
 
         # The graph's default-filling and loss calls, and a checkpointed layer call (`passes.checkpoint_layers`),
         # stay calls: run on proxies they would vanish into their internals.

@@ -162,7 +162,7 @@ def _versions() -> dict[str, str | None]:
 def _own_source_hash() -> str:
     """A hash of every source file of fx_lntune and its passes: an edit changes it, whatever the version says."""
     digest = hashlib.sha256()
-    import passes
+    import fx_lntune.passes as passes  # installed inside fx_lntune; a separate folder in the source tree
 
     for package in (sys.modules["fx_lntune"], passes):
         root = Path(package.__file__).parent

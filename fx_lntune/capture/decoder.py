@@ -29,10 +29,10 @@ import torch.nn as nn
 
 from fx_lntune.capture._build import build_graph_module
 from fx_lntune.errors import LNTuneGenerationError
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.device import follow_input_device
+from fx_lntune.passes.fold import fold_module_calls
 from fx_lntune.state import LNTuneState, dispatch_modules
-from passes._runner import run_pass
-from passes.device import follow_input_device
-from passes.fold import fold_module_calls
 
 __all__ = [
     "GENERATION_KEY",

@@ -12,11 +12,11 @@ import torch.nn as nn
 from fx_lntune.capture import cache as capture_cache
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
-from passes._runner import run_pass
-from passes.device import follow_input_device
-from passes.dropout import fold_dropout
-from passes.dtype import follow_weight_dtype
-from passes.fold import fold_module_calls
+from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.device import follow_input_device
+from fx_lntune.passes.dropout import fold_dropout
+from fx_lntune.passes.dtype import follow_weight_dtype
+from fx_lntune.passes.fold import fold_module_calls
 
 __all__ = ["capture_export"]
 
