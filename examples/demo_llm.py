@@ -70,6 +70,15 @@ def in_format(text: str, expected: str) -> bool:
         return False
 
 
+def has_format(text: str) -> bool:
+    """Whether ``text`` is the task's JSON object ``{"answer": ...}``, whatever the answer."""
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return False
+    return isinstance(value, dict) and list(value) == ["answer"]
+
+
 def training_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Chat-template prompt + answer + end-of-turn, right-padded; ``labels`` score only the answer's tokens."""
     rows = []
@@ -167,7 +176,8 @@ def onnx_generate(
 
 def show(title: str, questions: list[str], answers: list[str], expected: list[str]) -> None:
     good = sum(in_format(a, e) for a, e in zip(answers, expected, strict=True))
-    print(f"\n{title} ({good}/{len(answers)} in the target format):")
+    shaped = sum(has_format(a) for a in answers)
+    print(f"\n{title} ({shaped}/{len(answers)} in the target format, {good}/{len(answers)} also correct):")
     for question, answer in zip(questions, answers, strict=True):
         print(f"  {question!r:40} -> {answer!r}")
 
