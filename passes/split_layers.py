@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 import torch.nn as nn
+from fx_lntune.passes.fold import _stack_above  # the same trim of a node's module stack as a folded call
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["split_layers", "inline_layers", "layer_calls"]
@@ -156,15 +157,6 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
             anchor = item
     for node in reversed(ordered):
         graph.erase_node(node)
-
-
-def _stack_above(stack: dict, path: str) -> dict:
-    above = {}
-    for key, entry in stack.items():
-        if entry[0] == path:
-            break
-        above[key] = entry
-    return above
 
 
 def _class_name(module_type: object) -> str:
