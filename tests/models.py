@@ -388,3 +388,12 @@ def make_labels(arch: str, inputs: dict[str, torch.Tensor], seed: int = 0) -> to
     if arch == "llava":
         labels[inputs["input_ids"] == LLAVA_IMAGE_TOKEN_ID] = -100
     return labels
+
+
+def perturb_adapter(gm: torch.nn.Module, adapter: str, seed: int, scale: float = 0.5) -> None:
+    """Move ``adapter``'s LN-tuning copies in ``gm`` far enough from the base that greedy tokens change (in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if f"ln_tuning_layers.{adapter}." in name:
+                param.add_(scale * torch.randn(param.shape, generator=generator))

@@ -9,20 +9,12 @@ import peft
 import pytest
 import torch
 from conftest import captured
+from models import perturb_adapter
 
 import fx_lntune as fl
 from fx_lntune.generation import decoder_for
 
 NEW_TOKENS = 5
-
-
-def _perturb(gm: torch.fx.GraphModule, adapter: str, seed: int) -> None:
-    """Move ``adapter``'s copies far enough from the base that greedy tokens change."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if f"ln_tuning_layers.{adapter}." in name:
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
 
 
 def _peft_twin(model: torch.nn.Module, gm: torch.fx.GraphModule) -> peft.PeftModel:
@@ -53,8 +45,8 @@ def _tuned(arch: str) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
     once and reused by every test (each starts from `tuned`, which resets the adapter state)."""
     model, gm = captured(arch)
     fl.add_adapter(gm, "other")
-    _perturb(gm, "default", seed=1)
-    _perturb(gm, "other", seed=2)
+    perturb_adapter(gm, "default", seed=1)
+    perturb_adapter(gm, "other", seed=2)
     return model, gm
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import captured
-from models import make_inputs
+from models import make_inputs, perturb_adapter
 
 import fx_lntune as fl
 
@@ -14,14 +14,6 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 NEW_TOKENS = 5
-
-
-def _perturb(gm: torch.fx.GraphModule, adapter: str, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in gm.named_parameters():
-            if f"ln_tuning_layers.{adapter}." in name:
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
 
 
 def _greedy_loop(session, ids: np.ndarray, layers: list[tuple[int, int]], steps: int) -> np.ndarray:
@@ -50,7 +42,7 @@ def _greedy_loop(session, ids: np.ndarray, layers: list[tuple[int, int]], steps:
 def test_decoder_with_past_greedy_loop_equals_generate(tmp_path):
     model, gm = captured("llama")
     fl.add_adapter(gm, "other")
-    _perturb(gm, "other", seed=2)
+    perturb_adapter(gm, "other", seed=2)
     fl.set_adapter(gm, "other")
     path = fl.export_onnx(gm, tmp_path / "decoder.onnx", make_inputs("llama"), kv_cache=True)
     assert fl.active_adapter(gm) == "other" and list(tmp_path.iterdir()) == [path]
