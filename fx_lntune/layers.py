@@ -14,10 +14,17 @@ import torch.nn as nn
 
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.checkpoint_layers import checkpoint_layers
+from fx_lntune.passes.repeat_layers import LayerRun
 from fx_lntune.passes.split_layers import layer_calls
 from fx_lntune.state import get_state
 
-__all__ = ["find_layers", "layer_modules", "gradient_checkpointing", "graph_modules", "leaf_calls"]
+__all__ = ["find_layers", "layer_runs", "layer_modules", "gradient_checkpointing", "graph_modules", "leaf_calls"]
+
+# Per-layer numbering, the one attribute alike layers differ in; what it decides (the slot in a KV cache) is off
+# during capture, and the capture checks that the forward computes nothing from it (`capture.export._shortened`).
+LAYER_NUMBERS = frozenset({"layer_idx", "layer_id"})
+# Module attributes that are not configuration: state torch keeps and compares separately, or not at all.
+_NOT_CONFIG = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"})
 
 _CHECKPOINTING = "gradient_checkpointing"
 
@@ -34,6 +41,66 @@ def find_layers(model: nn.Module) -> list[str]:
         if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1:
             found.extend(f"{path}.{name}" if path else name for name in module._modules)
     return found
+
+
+def layer_runs(model: nn.Module) -> list[LayerRun]:
+    """The layer lists of ``model`` that a capture can run shortened (`passes.repeat_layers` adds the rest back).
+
+    A list qualifies from the first layer on which every following layer is alike: the same classes, attributes
+    (other than the layer number), hooks, and parameter and buffer names, shapes and dtypes. It is captured with
+    three alike layers (two to check the pattern on), so it must have more than that. Lists inside another
+    list's layers, or holding such lists, are left whole. ``model`` is unchanged.
+    """
+    lists = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1
+    ]
+    runs = []
+    for path, layers in lists:
+        nested = any(other.startswith(path + ".") or path.startswith(other + ".") for other, _ in lists)
+        if nested or not path:
+            continue
+        signatures = [_signature(layer) for layer in layers]
+        first = len(signatures) - 1
+        while first > 0 and signatures[first - 1] == signatures[-1]:
+            first -= 1
+        if len(layers) > first + 3:
+            runs.append(LayerRun(path, first, first + 3, len(layers)))
+    return runs
+
+
+def _signature(layer: nn.Module) -> list:
+    """What decides a layer's graph apart from its layer number: classes, attributes, hooks, state shapes."""
+    signature = []
+    for name, module in layer.named_modules(remove_duplicate=False):
+        attributes = sorted(
+            (key, _describe(value))
+            for key, value in vars(module).items()
+            if key not in _NOT_CONFIG and key not in LAYER_NUMBERS
+        )
+        state = [
+            (kind, key, tuple(tensor.shape), tensor.dtype, tensor.device.type, tensor.requires_grad)
+            for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers))
+            for key, tensor in tensors.items()
+            if tensor is not None
+        ]
+        signature.append((name, type(module), attributes, state, sorted(module._non_persistent_buffers_set)))
+    return signature
+
+
+def _describe(value: object) -> object:
+    """Plain values as themselves, containers element by element, anything else (configs, functions) by
+    identity: alike layers share their config object and activation function."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_describe(item) for item in value))
+    if isinstance(value, (set, frozenset)):  # e.g. pruned attention heads
+        return (type(value).__name__, frozenset(_describe(item) for item in value))
+    if isinstance(value, dict):  # hook dictionaries are keyed by a global handle id: compare the hooks only
+        return ("dict", tuple((key if isinstance(key, str) else None, _describe(item)) for key, item in value.items()))
+    return ("object", id(value))
 
 
 def layer_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:

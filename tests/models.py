@@ -292,22 +292,39 @@ def task_of(arch: str) -> str:
     return "causal-lm"
 
 
-def make_config(arch: str) -> transformers.PretrainedConfig:
-    """A fresh tiny config for `arch` (hidden 32, 2 layers, 4 heads, vocab 100, dropout 0.1)."""
+_DEPTH_KEYS = (
+    "num_hidden_layers",
+    "n_layers",
+    "n_layer",
+    "num_layers",
+    "num_decoder_layers",
+    "encoder_layers",
+    "decoder_layers",
+)
+
+
+def make_config(arch: str, depth: int | None = None) -> transformers.PretrainedConfig:
+    """A fresh tiny config for `arch` (hidden 32, 2 layers, 4 heads, vocab 100, dropout 0.1); ``depth`` layers
+    instead (in each stack of an encoder-decoder) where given."""
     _check_arch(arch)
     if arch == "llava":
+        if depth is not None:
+            raise ValueError("make_config('llava') has no depth option")
         return _llava_config()
     config_class, _, kwargs = _SPECS[arch]
+    if depth is not None:
+        kwargs = {key: depth if key in _DEPTH_KEYS else value for key, value in kwargs.items()}
     return getattr(transformers, config_class)(**kwargs)
 
 
-def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny model with the head a user would fine-tune, in eval mode, with perturbed weights.
+def make_model(arch: str, seed: int = 0, depth: int | None = None) -> torch.nn.Module:
+    """A tiny model with the head a user would fine-tune, in eval mode, with perturbed weights (``depth``: as in
+    `make_config`).
 
     The same `seed` gives the same weights; the global RNG state is left as it was.
     """
     _check_arch(arch)
-    config = make_config(arch)
+    config = make_config(arch, depth)
     model_class = getattr(transformers, _SPECS[arch][1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

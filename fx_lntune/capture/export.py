@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import copy
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -17,8 +20,11 @@ from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.dropout import fold_dropout
 from fx_lntune.passes.dtype import follow_weight_dtype
 from fx_lntune.passes.fold import fold_module_calls
+from fx_lntune.passes.repeat_layers import CannotRepeat, LayerRun, repeat_layers
 
 __all__ = ["capture_export"]
+
+log = logging.getLogger(__name__)
 
 # Nodes export adds that pin the graph to the capture's device, dtype and shapes; the eager model has none.
 _CHECK_OPS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -59,11 +65,24 @@ def capture_export(
 
 def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.fx.Graph, nn.Module, bool]:
     """The raw capture: export's unlifted graph without its shape checks, the module holding its constants and
-    subgraphs, and whether it was captured in training mode. What the capture cache stores."""
+    subgraphs, and whether it was captured in training mode. What the capture cache stores.
+
+    Tracing is nearly all of a capture's time and grows with depth, so a model whose layers are alike
+    (`fx_lntune.layers.layer_runs`) is exported with its layer lists shortened to three alike layers, and
+    `passes.repeat_layers` copies the last one for each layer left out: the same graph as exporting every layer.
+    Where that cannot be done (the layers' graphs differ, or the model needs all its layers to run), the whole
+    model is exported.
+    """
+    from fx_lntune.layers import layer_runs  # imports the passes package, which imports this module's users
+
+    runs = layer_runs(model)
+    attempts = [(runs, True), (runs, False)] if runs else []
+    attempts += [([], True), ([], False)]
     errors = []
-    for training in (True, False):
+    while attempts:
+        shortened, training = attempts.pop(0)
         try:
-            with capture_mode(model, training=training), _no_stack_traces():
+            with capture_mode(model, training=training), _no_stack_traces(), _shortened(model, shortened) as read:
                 program = torch.export.export(
                     model,
                     (),
@@ -71,18 +90,31 @@ def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tup
                     strict=False,
                     dynamic_shapes=dynamic_shapes_for(example_inputs),
                 )
-            break
         except Exception as error:  # noqa: BLE001 - reported below with the front-end's name
             errors.append(error)
-    else:
-        raise trace_error(
-            "export",
-            model,
-            errors[-1],
-            "tracer='hf_fx' (transformers < 5) or tracer='fx', and check that example_inputs are what the "
-            "model's forward takes",
-        ) from errors[-1]
+            continue
+        unlifted = _unlift(program)
+        try:
+            if read:
+                raise CannotRepeat("its forward computes with a layer number")
+            if shortened:
+                run_pass(repeat_layers, unlifted, runs=shortened, layer_module=model.get_submodule)
+        except CannotRepeat as why:
+            log.info("capturing every layer of %s: %s", type(model).__name__, why)
+            attempts = [attempt for attempt in attempts if not attempt[0]]
+            continue
+        return unlifted.graph, unlifted, training
+    raise trace_error(
+        "export",
+        model,
+        errors[-1],
+        "tracer='hf_fx' (transformers < 5) or tracer='fx', and check that example_inputs are what the "
+        "model's forward takes",
+    ) from errors[-1]
 
+
+def _unlift(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """``program`` as a GraphModule, without export's guard call and tensor-metadata checks."""
     unlifted = program.module()
     graph = unlifted.graph
     for node in list(graph.nodes):
@@ -95,7 +127,70 @@ def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tup
                     module.graph.erase_node(node)
             if module is not unlifted:
                 module.recompile()
-    return graph, unlifted, training
+    return unlifted
+
+
+@contextlib.contextmanager
+def _shortened(model: nn.Module, runs: Sequence[LayerRun]) -> Iterator[list[str]]:
+    """Give each layer list of ``runs`` only its first ``captured`` layers for the capture, then restore it.
+
+    The list object is swapped for a shallow copy holding fewer layers; the layers themselves are untouched but
+    for their layer numbers (``layer_idx``), which are watched: the list yielded names every one the forward
+    compared, indexed with or computed on. Copying layers is right only when the number decides nothing in the
+    graph (in Hugging Face models it picks a KV-cache slot, and the cache is off during capture).
+    """
+    from fx_lntune.layers import LAYER_NUMBERS
+
+    swapped, watched, read = [], [], []
+    try:
+        for run in runs:
+            parent_path, _, name = run.path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            whole = parent._modules[name]
+            short = copy.copy(whole)
+            short._modules = dict(list(whole._modules.items())[: run.captured])
+            parent._modules[name] = short
+            swapped.append((parent, name, whole))
+            for module in short.modules():
+                for attribute in LAYER_NUMBERS & vars(module).keys():
+                    number = getattr(module, attribute)
+                    if type(number) is int:
+                        watched.append((module, attribute, number))
+                        setattr(module, attribute, _WatchedNumber(number, read))
+        yield read
+    finally:
+        for module, attribute, number in watched:
+            setattr(module, attribute, number)
+        for parent, name, whole in reversed(swapped):
+            parent._modules[name] = whole
+
+
+class _WatchedNumber(int):
+    """An ``int`` that notes in ``read`` when anything is computed from it (compared, hashed, indexed with)."""
+
+    def __new__(cls, value: int, read: list[str]) -> _WatchedNumber:
+        number = super().__new__(cls, value)
+        number._read = read
+        return number
+
+
+def _watch(name: str) -> Callable[..., Any]:
+    method = getattr(int, name)
+
+    def watched(self: _WatchedNumber, *args: Any) -> Any:
+        self._read.append(name)
+        return method(int(self), *args)
+
+    return watched
+
+
+for _name in (
+    *("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__index__"),
+    *("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__mod__", "__rmod__"),
+    *("__floordiv__", "__rfloordiv__", "__truediv__", "__rtruediv__", "__pow__", "__neg__", "__and__", "__or__"),
+    *("__float__", "__format__", "__str__", "__repr__"),
+):
+    setattr(_WatchedNumber, _name, _watch(_name))
 
 
 @contextlib.contextmanager
