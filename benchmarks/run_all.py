@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -359,6 +360,19 @@ def capture_rows(case: Case, runs: int = 3) -> list[Row]:
     ]
 
 
+def smollm2_capture_rows() -> list[Row]:
+    """`capture_rows` for the real 30-layer SmolLM2-135M (batch 4 x 128 random tokens), two interleaved rounds."""
+    if smollm2.available() is not None:
+        return [("SmolLM2-135M: capture rows", "-", f"skipped: {smollm2.available()}", "")]
+    model = smollm2.load(verbose=False)[0]
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "input_ids": torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=generator),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+    }
+    return capture_rows(types.SimpleNamespace(name="SmolLM2-135M", model=model, inputs=inputs), runs=2)
+
+
 def set_adapter_row(case: Case, pairs: int = 50) -> Row:
     ours, theirs = copy.deepcopy(case.ours), copy.deepcopy(case.peft)
     fl.add_adapter(ours, "other")
@@ -608,6 +622,8 @@ def main() -> None:
             print("done: SmolLM2 generation", file=sys.stderr, flush=True)
         else:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
+    if not args.checkpointing_only:
+        rows += smollm2_capture_rows()
     if not args.skip_meta and not args.checkpointing_only:
         rows += meta_rows("7B", LLAMA_7B, 10, bare_export=True)
         rows += meta_rows("70B", LLAMA_70B, 25)
