@@ -361,16 +361,17 @@ def capture_rows(case: Case, runs: int = 3) -> list[Row]:
 
 
 def smollm2_capture_rows() -> list[Row]:
-    """`capture_rows` for the real 30-layer SmolLM2-135M (batch 4 x 128 random tokens), two interleaved rounds."""
+    """`capture_rows` for the real 30-layer SmolLM2-135M, two interleaved rounds, with the example inputs
+    ``lntune_transform(model, config)`` makes when given none (a user's first line). With large explicit examples
+    (4 x 128) the eager checks of the optional inputs' defaults (`fx_lntune.inputs.plan_inputs`: five forwards of
+    the real model) cost more than the capture itself."""
+    from fx_lntune.inputs import default_input_names, make_dummy_inputs
+
     if smollm2.available() is not None:
         return [("SmolLM2-135M: capture rows", "-", f"skipped: {smollm2.available()}", "")]
     model = smollm2.load(verbose=False)[0]
-    generator = torch.Generator().manual_seed(0)
-    inputs = {
-        "input_ids": torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=generator),
-        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
-    }
-    return capture_rows(types.SimpleNamespace(name="SmolLM2-135M", model=model, inputs=inputs), runs=2)
+    inputs = make_dummy_inputs(model, default_input_names(model))
+    return capture_rows(types.SimpleNamespace(name="SmolLM2-135M (default examples)", model=model, inputs=inputs), 2)
 
 
 def set_adapter_row(case: Case, pairs: int = 50) -> Row:
