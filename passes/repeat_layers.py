@@ -81,9 +81,12 @@ def _plan(graph: torch.fx.Graph, run: LayerRun) -> _Plan:
     index_before, index_a, index_b = ({n: i for i, n in enumerate(r)} for r in (before, a, b))
     for node_a, node_b in zip(a, b, strict=True):
         same = node_a.op == node_b.op and node_a.target == node_b.target
-        same = same and _tokens(node_a, index_a, index_before, paths[-2]) == _tokens(
-            node_b, index_b, index_a, paths[-1]
-        )
+        try:  # constants compare with ==; a tensor constant (no plain truth value) counts as a difference
+            same = same and bool(
+                _tokens(node_a, index_a, index_before, paths[-2]) == _tokens(node_b, index_b, index_a, paths[-1])
+            )
+        except RuntimeError:
+            same = False
         same = same and _stack(node_a, paths[-2]) == _stack(node_b, paths[-1])
         if not same:
             raise CannotRepeat(f"{run.path}: {node_a.name} of {paths[-2]} and {node_b.name} of {paths[-1]} differ")
