@@ -37,10 +37,18 @@ def find_layers(model: nn.Module) -> list[str]:
     once (albert shares one layer across depth) stays in the root graph.
     """
     found = []
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1:
-            found.extend(f"{path}.{name}" if path else name for name in module._modules)
+    for path, module in _layer_lists(model):
+        found.extend(f"{path}.{name}" if path else name for name in module._modules)
     return found
+
+
+def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every non-empty ``nn.ModuleList`` of ``model`` whose elements are all of one class, with its path."""
+    return [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1
+    ]
 
 
 def layer_runs(model: nn.Module) -> list[LayerRun]:
@@ -51,11 +59,7 @@ def layer_runs(model: nn.Module) -> list[LayerRun]:
     three alike layers (two to check the pattern on), so it must have more than that. Lists inside another
     list's layers, or holding such lists, are left whole. ``model`` is unchanged.
     """
-    lists = [
-        (path, module)
-        for path, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(child) for child in module}) == 1
-    ]
+    lists = _layer_lists(model)
     runs = []
     for path, layers in lists:
         nested = any(other.startswith(path + ".") or path.startswith(other + ".") for other, _ in lists)

@@ -12,6 +12,8 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.modules import set_submodule
+
 __all__ = ["LayerRun", "CannotRepeat", "repeat_layers"]
 
 
@@ -146,8 +148,7 @@ def _apply(gm: torch.fx.GraphModule, run: LayerRun, plan: _Plan, layer_module: C
     last, cursor = list(plan.template), plan.template[-1]
     for index in range(run.captured, run.total):
         path = f"{run.path}.{index}"
-        parent_path, _, name = path.rpartition(".")
-        gm.get_submodule(parent_path).add_module(name, layer_module(path))
+        set_submodule(gm, path, layer_module(path))
         rename = _renamer(template_path, path)
         env = {before: after for before, after in zip(plan.previous, last, strict=True)}
         for node in template_state:

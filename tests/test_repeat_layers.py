@@ -96,28 +96,28 @@ def test_shortened_capture_gives_the_graph_of_every_layer(arch, monkeypatch):
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
 
 
+def _assert_captured_whole(model: nn.Module, arch: str) -> None:
+    """``model`` is exported once, with every layer, and its graph computes what the model does."""
+    with exported_depths() as depths:
+        gm = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
+    assert depths == [[DEPTH]]
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        assert torch.equal(gm(**inputs).logits, model(**inputs).logits)
+
+
 def test_layers_that_differ_are_captured_whole():
     # gemma2 alternates sliding-window and full attention layers.
     model = make_model("gemma2", depth=DEPTH)
     assert layer_runs(model) == []
-    with exported_depths() as depths:
-        gm = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
-    assert depths == [[DEPTH]]
-    inputs = make_inputs("gemma2")
-    with torch.no_grad():
-        assert torch.equal(gm(**inputs).logits, model(**inputs).logits)
+    _assert_captured_whole(model, "gemma2")
 
 
 def test_a_hook_on_one_layer_makes_it_unlike_the_others():
     model = make_model("llama", depth=DEPTH)
     model.model.layers[4].register_forward_hook(lambda module, args, output: output * 2)
     assert layer_runs(model) == []  # only layer 5 is like the last layer
-    with exported_depths() as depths:
-        gm = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
-    assert depths == [[DEPTH]]
-    inputs = make_inputs("llama")
-    with torch.no_grad():
-        assert torch.equal(gm(**inputs).logits, model(**inputs).logits)
+    _assert_captured_whole(model, "llama")
 
 
 class _Block(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn as nn
 from fx_lntune.capture import cache as capture_cache
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
+from fx_lntune.modules import set_submodule
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.dropout import fold_dropout
@@ -144,13 +145,11 @@ def _shortened(model: nn.Module, runs: Sequence[LayerRun]) -> Iterator[list[str]
     swapped, watched, read = [], [], []
     try:
         for run in runs:
-            parent_path, _, name = run.path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            whole = parent._modules[name]
+            whole = model.get_submodule(run.path)
             short = copy.copy(whole)
             short._modules = dict(list(whole._modules.items())[: run.captured])
-            parent._modules[name] = short
-            swapped.append((parent, name, whole))
+            set_submodule(model, run.path, short)
+            swapped.append((run.path, whole))
             for module in short.modules():
                 for attribute in LAYER_NUMBERS & vars(module).keys():
                     number = getattr(module, attribute)
@@ -161,8 +160,8 @@ def _shortened(model: nn.Module, runs: Sequence[LayerRun]) -> Iterator[list[str]
     finally:
         for module, attribute, number in watched:
             setattr(module, attribute, number)
-        for parent, name, whole in reversed(swapped):
-            parent._modules[name] = whole
+        for path, whole in reversed(swapped):
+            set_submodule(model, path, whole)
 
 
 class _WatchedNumber(int):
