@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import transformers
 from conftest import captured
-from fx_lntune.passes.dtype import follow_weight_dtype
 from models import ALL_ARCHITECTURES, make_inputs
 
 import fx_lntune as fl
+from fx_lntune.passes.dtype import follow_weight_dtype
 
 TF4 = int(transformers.__version__.split(".")[0]) < 5
 # Applied in turn to the graph and to the model, so both hold the same weights at every step.

@@ -14,13 +14,13 @@ import torch
 import transformers
 from conftest import captured
 from ddp_worker import PER_RANK_BATCH, train
-from fx_lntune.passes.split_layers import inline_layers
 from models import make_config, make_inputs
 
 import fx_lntune as fl
 from fx_lntune.capture import hf_fx_available
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.layers import graph_modules, leaf_calls
+from fx_lntune.passes.split_layers import inline_layers
 
 LAYERS = {
     "llama": ["model.layers.0", "model.layers.1"],

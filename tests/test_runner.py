@@ -9,11 +9,11 @@ import operator
 import pytest
 import torch
 from conftest import captured
-from fx_lntune.passes._runner import run_pass
 from models import make_inputs
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_lntune.layers import graph_modules
+from fx_lntune.passes._runner import run_pass
 
 
 def _negate_output(layer: torch.fx.GraphModule) -> None:

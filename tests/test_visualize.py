@@ -15,11 +15,11 @@ import pydot
 import pytest
 import torch
 from conftest import captured
-from fx_lntune.passes.split_layers import inline_layers
 from models import make_inputs, make_model
 
 import fx_lntune as fl
 from fx_lntune import visualize as viz
+from fx_lntune.passes.split_layers import inline_layers
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "visualize_graph.py"
 SVG = "{http://www.w3.org/2000/svg}"

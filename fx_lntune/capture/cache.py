@@ -160,14 +160,11 @@ def _versions() -> dict[str, str | None]:
 
 @functools.cache
 def _own_source_hash() -> str:
-    """A hash of every source file of fx_lntune and its passes: an edit changes it, whatever the version says."""
+    """A hash of every source file of fx_lntune (its passes included): an edit changes it, whatever the version says."""
     digest = hashlib.sha256()
-    import fx_lntune.passes as passes  # installed inside fx_lntune; a separate folder in the source tree
-
-    for package in (sys.modules["fx_lntune"], passes):
-        root = Path(package.__file__).parent
-        for path in sorted(root.rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    root = Path(sys.modules["fx_lntune"].__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

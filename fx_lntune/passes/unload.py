@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch.fx
-from fx_lntune.passes.checkpoint_layers import checkpoint_layers
-from fx_lntune.passes.inject import NODE_MARK
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm import tqdm
 
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes.checkpoint_layers import checkpoint_layers
+from fx_lntune.passes.inject import NODE_MARK
 from fx_lntune.state import detach_state, dispatch_modules, get_state
 
 __all__ = ["unload_adapters"]

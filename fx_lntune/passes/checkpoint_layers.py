@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.fx
 import torch.utils.checkpoint
-from fx_lntune.passes.split_layers import layer_calls
 from torch.fx.passes.infra.pass_base import PassResult
+
+from fx_lntune.passes.split_layers import layer_calls
 
 __all__ = ["checkpoint_layers", "checkpointed_call"]
 

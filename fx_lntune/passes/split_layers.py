@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 import torch.nn as nn
-from fx_lntune.passes.fold import _stack_above  # the same trim of a node's module stack as a folded call
 from torch.fx.passes.infra.pass_base import PassResult
+
+from fx_lntune.passes.fold import _stack_above  # the same trim of a node's module stack as a folded call
 
 __all__ = ["split_layers", "inline_layers", "layer_calls"]
 
