@@ -112,6 +112,13 @@ def default_decoder_input_ids(
             f"labels of shape {shape} cannot give decoder_input_ids: pass labels of shape (batch, target length), "
             "token ids with -100 where no loss is wanted."
         )
+    if decoder_start_token_id is None:
+        raise LNTuneTraceError(
+            "labels without decoder_input_ids: the model's config (and generation config) has no "
+            "decoder_start_token_id to shift the labels right with, so the model itself cannot derive the decoder "
+            "inputs either; pass decoder_input_ids, or set model.config.decoder_start_token_id (usually the pad id) "
+            "before lntune_transform."
+        )
     function = resolve(shift)
     if shift.endswith(".prepare_decoder_input_ids_from_labels"):
         model_class = resolve(shift.rpartition(".")[0])

@@ -17,7 +17,9 @@ import torch
 import transformers
 from torch.export import Dim
 
+from fx_lntune.compat import model_token_id
 from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.graph_inputs import default_decoder_input_ids
 
 __all__ = [
     "default_input_names",
@@ -357,6 +359,13 @@ def plan_inputs(model: torch.nn.Module, example_inputs: Mapping[str, Any]) -> In
         return InputPlan(capture_inputs=inputs, signature=list(inputs))
     parameters = list(inspect.signature(model.forward).parameters)
     loss = _loss_spec(model, config) if "labels" in parameters else None
+    derive_decoder_inputs = "decoder_input_ids" in parameters and "decoder_input_ids" not in inputs
+    if loss is not None and "labels" in inputs and derive_decoder_inputs:
+        # An encoder-decoder example with labels only: capture with the decoder inputs the model would derive
+        # (the graph derives them again at run time); a missing decoder start id is named here, not at export.
+        spec = _shift_spec(model, config) if getattr(config, "is_encoder_decoder", False) else None
+        if spec is not None:
+            inputs["decoder_input_ids"] = default_decoder_input_ids(None, inputs["labels"], *spec)
     if loss is not None:  # computed after the captured code (`passes.model_loss`), so that labels are optional
         inputs.pop("labels", None)
     on_meta = any(tensor.is_meta for tensor in [*model.parameters(), *model.buffers()])
@@ -504,7 +513,7 @@ def _shift_spec(model: torch.nn.Module, config: Any) -> tuple[str, Any, Any] | N
     import sys
 
     cls = type(model)
-    ids = (config.pad_token_id, config.decoder_start_token_id)
+    ids = (model_token_id(model, "pad_token_id"), model_token_id(model, "decoder_start_token_id"))
     if hasattr(cls, "prepare_decoder_input_ids_from_labels"):
         return (f"{cls.__module__}:{cls.__qualname__}.prepare_decoder_input_ids_from_labels", *ids)
     if hasattr(sys.modules.get(cls.__module__), "shift_tokens_right"):

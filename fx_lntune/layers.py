@@ -8,15 +8,20 @@ recompute each layer's activations in backward.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.compat import is_stateless_function_module
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.checkpoint_layers import checkpoint_layers
 from fx_lntune.passes.repeat_layers import LayerRun
 from fx_lntune.passes.split_layers import layer_calls
 from fx_lntune.state import get_state
+
+log = logging.getLogger(__name__)
 
 __all__ = ["find_layers", "layer_runs", "layer_modules", "gradient_checkpointing", "graph_modules", "leaf_calls"]
 
@@ -71,7 +76,36 @@ def layer_runs(model: nn.Module) -> list[LayerRun]:
             first -= 1
         if len(layers) > first + 3:
             runs.append(LayerRun(path, first, first + 3, len(layers)))
+        elif len(layers) > 3:  # the fast path is lost: say why, so that a silent fallback is one log line away
+            log.info(
+                "capturing every layer of %s: layers %d and %d differ in %s",
+                path,
+                first - 1,
+                len(layers) - 1,
+                _first_difference(signatures[first - 1], signatures[-1]),
+            )
     return runs
+
+
+def _first_difference(a: list, b: list) -> str:
+    """Where two layer signatures first differ, in words: the submodule and the attribute or state."""
+    for first, second in zip(a, b, strict=False):
+        (name, cls, attributes, state, non_persistent), (name_b, cls_b, attributes_b, state_b, np_b) = first, second
+        where = f"submodule {name!r}" if name else "the layer itself"
+        if (name, cls) != (name_b, cls_b):
+            return f"{where}: {cls.__name__} {name!r} vs {cls_b.__name__} {name_b!r}"
+        if attributes != attributes_b:
+            keys = [key for key, _ in attributes]
+            keys_b = [key for key, _ in attributes_b]
+            if keys != keys_b:
+                return f"{where}: attributes {sorted(set(keys) ^ set(keys_b))} held by one only"
+            key = next(k for (k, value), (_, value_b) in zip(attributes, attributes_b, strict=True) if value != value_b)
+            return f"{where}: attribute {key!r}"
+        if state != state_b:
+            return f"{where}: parameters or buffers (names, shapes, dtypes, devices or requires_grad)"
+        if non_persistent != np_b:
+            return f"{where}: non-persistent buffers"
+    return f"the number of submodules ({len(a)} vs {len(b)})"
 
 
 def _signature(layer: nn.Module) -> list:
@@ -104,6 +138,8 @@ def _describe(value: object) -> object:
         return (type(value).__name__, frozenset(_describe(item) for item in value))
     if isinstance(value, dict):  # hook dictionaries are keyed by a global handle id: compare the hooks only
         return ("dict", tuple((key if isinstance(key, str) else None, _describe(item)) for key, item in value.items()))
+    if is_stateless_function_module(value):  # one per layer, each wrapping the same function
+        return ("function module", type(value))
     return ("object", id(value))
 
 

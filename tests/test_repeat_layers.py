@@ -81,7 +81,11 @@ def test_shortened_capture_gives_the_graph_of_every_layer(arch, monkeypatch):
     inputs = make_inputs(arch)
     labels = make_labels(arch, inputs)
     with torch.no_grad():
-        assert torch.equal(ours(**inputs).logits, model(**inputs).logits)
+        logits = ours(**inputs).logits
+        # Bit for bit what the whole capture computes; the model itself within float rounding: under transformers
+        # 4.57, T5's decoder self-attention in any capture (whole too) differs from eager in the 7th digit.
+        assert torch.equal(logits, whole(**inputs).logits)
+        torch.testing.assert_close(logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
     # Training: the same dropout draws in the same order, the same loss and adapter gradients.
     ours.train(), whole.train()
     losses, grads = [], []

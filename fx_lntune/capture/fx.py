@@ -13,6 +13,7 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
+from fx_lntune.compat import hf_fx_available
 from fx_lntune.errors import LNTuneTraceError
 
 __all__ = ["capture_fx", "capture_hf_fx", "hf_fx_available", "hf_attention_mask"]
@@ -51,15 +52,6 @@ def capture_fx(
         except Exception as error:  # noqa: BLE001 - reported with the front-end's name
             raise trace_error("fx", model, error, "tracer='export'") from error
     return _finish(model, graph, leaves, spare)
-
-
-def hf_fx_available() -> bool:
-    """True where transformers still ships `transformers.utils.fx` (it was removed in 5.0)."""
-    try:
-        import transformers.utils.fx  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def capture_hf_fx(
