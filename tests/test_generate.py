@@ -198,3 +198,16 @@ def test_greedy_tokens_are_the_models_own_whatever_its_cache_settings(
         config.use_cache = generation_cache
     kwargs = {"input_ids": ids, "attention_mask": mask, "generation_config": config}
     assert torch.equal(fl.generate(gm, **kwargs), twin.generate(**kwargs))
+
+
+def test_prefill_computes_the_last_positions_logits_only():
+    """The prompt step keeps the head's logits of the last position only (transformers' logits_to_keep=1)."""
+    model, gm = tuned("llama")
+    prompt = _prompt("llama")
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    decoder = decoder_for(gm)
+    logits = decoder.graph("step")(ids, mask, decoder.layout.empty_past(ids.shape[0], ids.device))[0]
+    assert logits.shape == (ids.shape[0], 1, model.config.vocab_size)
+    with torch.no_grad():
+        expected = _peft_twin(model, gm)(**prompt).logits[:, -1:]
+    torch.testing.assert_close(logits, expected)
