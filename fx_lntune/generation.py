@@ -163,7 +163,7 @@ def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool) -> Non
     from transformers import GenerationConfig
 
     for name, reason in _REFUSED.items():
-        if name in kwargs and kwargs[name] not in (None, False) and not (name == "use_cache" and kwargs[name]):
+        if name in kwargs and kwargs[name] not in (None, False) and not (name == "use_cache" and kwargs[name] is True):
             raise LNTuneGenerationError(f"generate argument {name}={kwargs[name]!r} is not supported: {reason}.")
     known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS | set(_REFUSED)
     if encoder_decoder:
@@ -200,6 +200,9 @@ class Decoder:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any, kwargs: dict
     ) -> torch.LongTensor:
         model_kwargs: dict[str, Any] = dict(kwargs)
+        # The step graphs always extend a KV cache; without it transformers would feed the whole sequence at every
+        # step (a model config saved with use_cache=False, as after gradient checkpointing, asks for that).
+        model_kwargs["use_cache"] = True
         if attention_mask is not None:
             model_kwargs["attention_mask"] = attention_mask
         if generation_config is not None:

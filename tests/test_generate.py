@@ -9,6 +9,8 @@ import peft
 import pytest
 import torch
 from conftest import captured
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from models import perturb_adapter
 
 import fx_lntune as fl
@@ -151,3 +153,61 @@ def test_unknown_and_unsupported_arguments_are_refused():
         fl.generate(gm, ids, output_attentions=True)
     with pytest.raises(fl.LNTuneGenerationError, match="2-D tensor"):
         fl.generate(gm, ids[0])
+
+
+@functools.cache
+def _llama_with_config_cache(use_cache: bool) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """The tiny llama whose config says ``use_cache`` (False as saved after training with gradient checkpointing)
+    and its capture."""
+    from models import make_model
+
+    model = make_model("llama").eval()
+    model.config.use_cache = use_cache
+    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig())
+    perturb_adapter(gm, "default", seed=1)
+    return model, gm.eval()
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    config_cache=st.booleans(),
+    generation_cache=st.sampled_from([None, True, False]),
+    left_padding=st.booleans(),
+    batch=st.integers(1, 3),
+    padded=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_greedy_tokens_are_the_models_own_whatever_its_cache_settings(
+    config_cache, generation_cache, left_padding, batch, padded, seed
+):
+    """The model's config / generation config may turn its cache off (use_cache=False): its own generate then
+    feeds the whole sequence per step; fl.generate must still give its tokens, for any padding side and batch."""
+    from transformers import GenerationConfig
+
+    model, gm = _llama_with_config_cache(config_cache)
+    twin = _peft_twin(model, gm)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 99, (batch, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :padded] = 0 if left_padding else 1
+        if not left_padding:
+            mask[0, -padded:] = 0
+    config = GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    if generation_cache is not None:
+        config.use_cache = generation_cache
+    kwargs = {"input_ids": ids, "attention_mask": mask, "generation_config": config}
+    assert torch.equal(fl.generate(gm, **kwargs), twin.generate(**kwargs))
+
+
+def test_prefill_computes_the_last_positions_logits_only():
+    """The prompt step keeps the head's logits of the last position only (transformers' logits_to_keep=1)."""
+    model, gm = tuned("llama")
+    prompt = _prompt("llama")
+    ids, mask = prompt["input_ids"], prompt["attention_mask"]
+    decoder = decoder_for(gm)
+    logits = decoder.graph("step")(ids, mask, decoder.layout.empty_past(ids.shape[0], ids.device))[0]
+    assert logits.shape == (ids.shape[0], 1, model.config.vocab_size)
+    with torch.no_grad():
+        expected = _peft_twin(model, gm)(**prompt).logits[:, -1:]
+    torch.testing.assert_close(logits, expected)
