@@ -168,7 +168,7 @@ def _llama_with_config_cache(use_cache: bool) -> tuple[torch.nn.Module, torch.fx
     return model, gm.eval()
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     config_cache=st.booleans(),
     generation_cache=st.sampled_from([None, True, False]),
