@@ -82,3 +82,31 @@ def test_a_trained_head_keeps_its_loss_and_gradients():
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_chunked_peak_is_below_the_plain_peak_by_the_logits():
+    import sys
+
+    sys.path.insert(0, "benchmarks")
+    from run_all import PeakTensorMemory
+
+    config = make_config("llama")
+    config.vocab_size = 4096
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(3, 4096, (2, 64)), "attention_mask": torch.ones(2, 64, dtype=torch.long)}
+    labels = inputs["input_ids"].clone()
+    gm = fl.lntune_transform(model, fl.LNTuningConfig(), example_inputs=inputs).train()
+    existing = [*gm.parameters(), *gm.buffers(), *inputs.values(), labels]
+
+    def peak() -> int:
+        with PeakTensorMemory(existing) as tracker:
+            gm(**inputs, labels=labels).loss.backward()
+        gm.zero_grad(set_to_none=True)
+        return tracker.peak
+
+    plain = peak()
+    fl.chunked_loss(gm)
+    chunked = peak()
+    logits = 2 * 64 * 4096 * 4
+    assert chunked <= plain - logits, (plain, chunked)

@@ -14,8 +14,10 @@ __all__ = ["chunk_loss", "chunked_model_loss", "unless_training"]
 
 _ORIGINAL = "chunk_loss_original"
 _LOSSES = frozenset({"ForCausalLM", "ForMaskedLM"})
-# Elements of one fp32 logits chunk (64 MiB): the chunk's rows follow from the vocabulary size.
+# At most this many elements in one fp32 logits chunk (64 MiB), and at least _CHUNKS chunks: the chunk's rows
+# follow from the vocabulary size and the number of tokens.
 _CHUNK_ELEMENTS = 1 << 24
+_CHUNKS = 8
 
 
 @torch.fx.wrap
@@ -44,7 +46,7 @@ def chunked_model_loss(logits, labels, loss_type, owner, hidden, weight, bias, e
         labels = F.pad(labels[..., 1:], (0, 1), value=-100)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
-    rows = max(1, min(hidden.shape[0], _CHUNK_ELEMENTS // weight.shape[0]))
+    rows = max(1, min(-(-hidden.shape[0] // _CHUNKS), _CHUNK_ELEMENTS // weight.shape[0]))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
         target = labels[start : start + rows]
