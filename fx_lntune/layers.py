@@ -17,13 +17,22 @@ import torch.nn as nn
 from fx_lntune.compat import is_stateless_function_module
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.checkpoint_layers import checkpoint_layers
+from fx_lntune.passes.chunk_loss import chunk_loss
 from fx_lntune.passes.repeat_layers import LayerRun
 from fx_lntune.passes.split_layers import layer_calls
 from fx_lntune.state import get_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_layers", "layer_runs", "layer_modules", "gradient_checkpointing", "graph_modules", "leaf_calls"]
+__all__ = [
+    "find_layers",
+    "layer_runs",
+    "layer_modules",
+    "gradient_checkpointing",
+    "chunked_loss",
+    "graph_modules",
+    "leaf_calls",
+]
 
 # Per-layer numbering, the one attribute alike layers differ in; what it decides (the slot in a KV cache) is off
 # during capture, and the capture checks that the forward computes nothing from it (`capture.export._shortened`).
@@ -32,6 +41,7 @@ LAYER_NUMBERS = frozenset({"layer_idx", "layer_id"})
 _NOT_CONFIG = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"})
 
 _CHECKPOINTING = "gradient_checkpointing"
+_CHUNKED_LOSS = "chunked_loss"
 
 
 def find_layers(model: nn.Module) -> list[str]:
@@ -173,6 +183,17 @@ def gradient_checkpointing(gm: torch.fx.GraphModule, enabled: bool = True) -> No
     state = get_state(gm)
     run_pass(checkpoint_layers, gm, enabled=bool(enabled))
     state.extra[_CHECKPOINTING] = bool(enabled)
+
+
+def chunked_loss(gm: torch.fx.GraphModule, enabled: bool = True) -> None:
+    """Compute the causal / masked LM loss from the head's input chunk by chunk (in place; ``enabled=False`` undoes
+    it): in training mode with ``labels`` the output carries ``loss`` and no ``logits``, and the whole
+    ``batch x seq x vocab`` logits tensor is never materialized; in eval mode or without labels the output is as
+    before. Heads other than a plain (frozen) linear, optionally plus a bias tensor, are left as they are.
+    """
+    state = get_state(gm)
+    run_pass(chunk_loss, gm, enabled=bool(enabled))
+    state.extra[_CHUNKED_LOSS] = bool(enabled)
 
 
 def graph_modules(gm: torch.fx.GraphModule) -> list[tuple[str, torch.fx.GraphModule]]:
