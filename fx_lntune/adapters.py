@@ -20,7 +20,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.api import apply_selection, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.config import (
     DEFAULT_TARGET_MODULES,
     LNTuningConfig,
@@ -30,12 +29,13 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
-from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import leaf_calls
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.inject import NODE_MARK, inject_adapters
 from fx_lntune.passes.merge import merge_adapters, unmerge_adapters
 from fx_lntune.passes.unload import unload_adapters
+from fx_lntune.routing import apply_selection, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
 __all__ = [

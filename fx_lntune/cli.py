@@ -20,6 +20,7 @@ import torch.nn as nn
 import transformers
 
 import fx_lntune as fl
+from fx_lntune.capture import cache
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
@@ -235,8 +236,6 @@ def _add_cache(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from fx_lntune.capture import cache
-
     directory = cache.cache_dir()
     if directory is None:
         print("capture cache: off (FX_LNTUNE_CACHE_DIR is empty)")

@@ -25,9 +25,11 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.adapters import merge_and_unload
+from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
+from fx_lntune.generation import decoder_for
 from fx_lntune.inputs import dynamic_shapes_for
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
@@ -160,9 +162,6 @@ def _export_onnx_decoder(
 
 def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
     """The decoder step of `capture.decoder.decoder_with_past` for a tuned causal LM; clear errors otherwise."""
-    from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
-    from fx_lntune.generation import decoder_for
-
     state = gm.meta.get(META_KEY) if isinstance(gm, torch.fx.GraphModule) else None
     if not isinstance(state, LNTuneState):
         raise LNTuneExportError(

@@ -28,10 +28,10 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modules, resolved_config
-from fx_lntune.api import check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
+from fx_lntune.routing import check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
 __all__ = [

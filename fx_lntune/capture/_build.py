@@ -14,7 +14,9 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.errors import LNTuneTraceError
+from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import checkpointed_call
 
 __all__ = ["ReloadTracer", "alias_model", "build_graph_module", "capture_mode", "trace_error"]
 
@@ -31,9 +33,6 @@ class ReloadTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self) -> None:
-        from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
-        from fx_lntune.passes.checkpoint_layers import checkpointed_call
-
         # The graph's default-filling and loss calls, and a checkpointed layer call (`passes.checkpoint_layers`),
         # stay calls: run on proxies they would vanish into their internals.
         super().__init__(autowrap_functions=(*GRAPH_FUNCTIONS, checkpointed_call))

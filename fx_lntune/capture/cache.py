@@ -61,6 +61,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.capture._build import _configs, _has_path, _lookup
+
 __all__ = [
     "FORMAT",
     "CacheWarning",
@@ -270,8 +272,6 @@ def _describe(value: Any) -> Any:
 
 
 def _configs_of(model: nn.Module) -> list[str]:
-    from fx_lntune.capture._build import _configs
-
     described = []
     for config in _configs(model):
         fields = dict(config.to_dict())
@@ -560,8 +560,6 @@ class _Writer:
         return program, self.blobs
 
     def _attribute(self, target: str, subgraphs: dict[str, torch.fx.GraphModule]) -> None:
-        from fx_lntune.capture._build import _has_path, _lookup
-
         if _has_path(self.model, target) or target in subgraphs or any(c["name"] == target for c in self.constants):
             return
         try:

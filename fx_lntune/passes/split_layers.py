@@ -11,6 +11,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import layer_calls, submodule_or_none
 from fx_lntune.passes.fold import _stack_above  # the same trim of a node's module stack as a folded call
 
 __all__ = ["split_layers", "inline_layers", "layer_calls"]
@@ -50,7 +51,7 @@ def split_layers(gm: torch.fx.GraphModule, *, layers: Sequence[str]) -> PassResu
     splittable = [
         path
         for path in sorted(spans, key=lambda path: spans[path][0])
-        if len(calls[path]) == 1 and path not in called and type(_submodule(gm, path)) is nn.Module
+        if len(calls[path]) == 1 and path not in called and type(submodule_or_none(gm, path)) is nn.Module
     ]
     splittable = _disjoint(splittable, spans)
     for path in splittable:
@@ -84,13 +85,6 @@ def _disjoint(paths: list[str], spans: dict[str, tuple[int, int]]) -> list[str]:
         if all(spans[other][1] < first or spans[other][0] > last for other in paths[:index] + paths[index + 1 :]):
             keep.append(path)
     return keep
-
-
-def _submodule(gm: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node]) -> None:
@@ -129,7 +123,7 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
     sub.output(results[0] if len(results) == 1 else tuple(results))
     sub._tracer_cls = graph._tracer_cls  # how a pickled layer is re-traced on load, as the root is
 
-    container = gm.get_submodule(path)
+    container = gm.getsubmodule_or_none(path)
     stack = next(entry for entry in (members[0].meta.get("nn_module_stack") or {}).values() if entry[0] == path)
     layer = torch.fx.GraphModule(container, sub, class_name=_class_name(stack[1]))
     # The container's own children and tensors (torch.fx copied only what nodes name, through new empty parents).
@@ -139,7 +133,7 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
     layer._non_persistent_buffers_set = set(container._non_persistent_buffers_set)
     layer.train(container.training)
     parent_path, _, name = path.rpartition(".")
-    gm.get_submodule(parent_path).add_module(name, layer)
+    gm.getsubmodule_or_none(parent_path).add_module(name, layer)
 
     with graph.inserting_after(ordered[-1]):
         call = graph.call_module(path, tuple(inputs))
@@ -165,23 +159,6 @@ def _class_name(module_type: object) -> str:
     return name.strip("'<>") or "GraphModule"
 
 
-def layer_calls(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str]]:
-    """The root graph's calls of layer modules (plain or checkpointed), with each layer's path, in call order."""
-    from fx_lntune.passes.checkpoint_layers import checkpointed_call
-
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            path = str(node.target)
-        elif node.op == "call_function" and node.target is checkpointed_call and node.args[0].op == "get_attr":
-            path = str(node.args[0].target)
-        else:
-            continue
-        if isinstance(_submodule(gm, path), torch.fx.GraphModule):
-            found.append((node, path))
-    return found
-
-
 def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A flat copy of ``gm``'s graph with every layer call replaced by the layer's nodes: the graph as captured.
 
@@ -196,7 +173,7 @@ def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op == "get_attr" and str(node.target) in paths:
             continue  # the layer a checkpointed call names: its nodes are inlined instead
         if node in layers:
-            env[node] = _inline_one(flat, gm.get_submodule(layers[node]), layers[node], node, env)
+            env[node] = _inline_one(flat, gm.getsubmodule_or_none(layers[node]), layers[node], node, env)
         elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in layers:
             env[node] = env[node.args[0]][node.args[1]]
         elif node.op == "output":
