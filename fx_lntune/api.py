@@ -223,6 +223,10 @@ def get_nb_trainable_parameters(gm: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(gm: nn.Module) -> None:
     """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
-    trainable, total = get_nb_trainable_parameters(gm)
+    print(trainable_parameters_line(*get_nb_trainable_parameters(gm)))
+
+
+def trainable_parameters_line(trainable: int, total: int) -> str:
+    """PEFT's line for ``(trainable, total)`` parameter counts."""
     share = 100 * trainable / total if total else 0.0
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"

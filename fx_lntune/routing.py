@@ -15,10 +15,11 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceError
-from fx_lntune.state import dispatch_modules, get_state
+from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
 __all__ = [
     "apply_selection",
+    "check_adapter_exists",
     "check_adapter_name",
     "check_call_inputs",
     "check_low_cpu_mem_usage",
@@ -127,3 +128,9 @@ def apply_selection(gm: torch.fx.GraphModule) -> None:
     for module in dispatch_modules(gm).values():
         module.select(route, disabled=state.disabled)
         module.set_trainable(state.active_adapter, trainable)
+
+
+def check_adapter_exists(state: LNTuneState, adapter_name: Any) -> None:
+    """Refuse a name that is no adapter of the graph whose state is ``state``."""
+    if not isinstance(adapter_name, str) or adapter_name not in state.configs:
+        raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")

@@ -23,6 +23,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
         "base: errors, configuration, state, dispatch modules, module paths",
         (
             "fx_lntune.errors",
+            "fx_lntune.files",
             "fx_lntune.config",
             "fx_lntune.dispatch",
             "fx_lntune.modules",

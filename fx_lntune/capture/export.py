@@ -17,6 +17,7 @@ from fx_lntune.capture import layers
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.dropout import fold_dropout
@@ -120,13 +121,12 @@ def _unlift(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    for module in unlifted.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in list(module.graph.nodes):
-                if node.target in _CHECK_OPS:
-                    module.graph.erase_node(node)
-            if module is not unlifted:
-                module.recompile()
+    for _, module in graph_modules(unlifted):
+        for node in list(module.graph.nodes):
+            if node.target in _CHECK_OPS:
+                module.graph.erase_node(node)
+        if module is not unlifted:
+            module.recompile()
     return unlifted
 
 

@@ -123,7 +123,7 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
     sub.output(results[0] if len(results) == 1 else tuple(results))
     sub._tracer_cls = graph._tracer_cls  # how a pickled layer is re-traced on load, as the root is
 
-    container = gm.getsubmodule_or_none(path)
+    container = gm.get_submodule(path)
     stack = next(entry for entry in (members[0].meta.get("nn_module_stack") or {}).values() if entry[0] == path)
     layer = torch.fx.GraphModule(container, sub, class_name=_class_name(stack[1]))
     # The container's own children and tensors (torch.fx copied only what nodes name, through new empty parents).
@@ -133,7 +133,7 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
     layer._non_persistent_buffers_set = set(container._non_persistent_buffers_set)
     layer.train(container.training)
     parent_path, _, name = path.rpartition(".")
-    gm.getsubmodule_or_none(parent_path).add_module(name, layer)
+    gm.get_submodule(parent_path).add_module(name, layer)
 
     with graph.inserting_after(ordered[-1]):
         call = graph.call_module(path, tuple(inputs))
@@ -173,7 +173,7 @@ def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op == "get_attr" and str(node.target) in paths:
             continue  # the layer a checkpointed call names: its nodes are inlined instead
         if node in layers:
-            env[node] = _inline_one(flat, gm.getsubmodule_or_none(layers[node]), layers[node], node, env)
+            env[node] = _inline_one(flat, gm.get_submodule(layers[node]), layers[node], node, env)
         elif node.op == "call_function" and node.target is operator.getitem and node.args[0] in layers:
             env[node] = env[node.args[0]][node.args[1]]
         elif node.op == "output":
