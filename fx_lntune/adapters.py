@@ -20,7 +20,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.api import apply_selection, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.config import (
     DEFAULT_TARGET_MODULES,
     LNTuningConfig,
@@ -30,12 +29,13 @@ from fx_lntune.config import (
 )
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
-from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import leaf_calls
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.inject import NODE_MARK, inject_adapters
 from fx_lntune.passes.merge import merge_adapters, unmerge_adapters
 from fx_lntune.passes.unload import unload_adapters
+from fx_lntune.routing import apply_selection, check_adapter_exists, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
 __all__ = [
@@ -133,7 +133,7 @@ def set_adapter(gm: torch.fx.GraphModule, adapter_name: str, inference_mode: boo
     """
     state = get_state(gm)
     adapter_name = _single_name(adapter_name, "set_adapter")
-    _check_exists(state, adapter_name)
+    check_adapter_exists(state, adapter_name)
     if inference_mode is not None and not isinstance(inference_mode, bool):
         raise LNTuneConfigError(
             f"inference_mode must be True, False or None, got {type(inference_mode).__name__} {inference_mode!r}."
@@ -168,7 +168,7 @@ def delete_adapter(gm: torch.fx.GraphModule, adapter_name: str) -> None:
     model, `active_adapter` is ``None`` and `active_adapters` is ``[]`` (`add_adapter` with a config starts again).
     """
     state = get_state(gm)
-    _check_exists(state, adapter_name)
+    check_adapter_exists(state, adapter_name)
     if state.merged_adapter == adapter_name:
         raise LNTuneAdapterError(f"adapter {adapter_name!r} is merged; call unmerge_adapter(gm) before deleting it.")
     for path, module in dispatch_modules(gm).items():
@@ -287,7 +287,7 @@ def _merge_names(
         if names == [None]:
             return []  # the last adapter was deleted: nothing to merge, as in PEFT
     for name in names:
-        _check_exists(state, name)
+        check_adapter_exists(state, name)
     return names
 
 
@@ -374,7 +374,7 @@ def peft_config(gm: torch.fx.GraphModule) -> dict[str, LNTuningConfig]:
 def resolved_config(gm: torch.fx.GraphModule, adapter_name: str) -> LNTuningConfig:
     """A copy of adapter ``adapter_name``'s config with ``target_modules`` resolved (see `peft_config`)."""
     state = get_state(gm)
-    _check_exists(state, adapter_name)
+    check_adapter_exists(state, adapter_name)
     config = copy.deepcopy(state.configs[adapter_name])
     if config.target_modules is None:
         default = DEFAULT_TARGET_MODULES.get(state.model_type) if state.model_type else None
@@ -391,11 +391,6 @@ def resolved_config(gm: torch.fx.GraphModule, adapter_name: str) -> LNTuningConf
 
 def _adapters_of(module: AdapterDispatch) -> list[str]:
     return [*module.copies, *([module.merged_adapter] if module.merged_adapter is not None else [])]
-
-
-def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
-    if not isinstance(adapter_name, str) or adapter_name not in state.configs:
-        raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
 
 
 def _unwrap(gm: torch.fx.GraphModule, path: str, module: AdapterDispatch) -> None:

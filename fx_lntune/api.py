@@ -11,6 +11,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.adapters import add_adapter
 from fx_lntune.capture import capture
 from fx_lntune.capture.cache import caching
 from fx_lntune.config import (
@@ -21,12 +22,19 @@ from fx_lntune.config import (
     resolve_targets,
 )
 from fx_lntune.dispatch import LNTuningDispatch
-from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneTraceError
+from fx_lntune.errors import LNTuneConfigError, LNTuneTraceError
 from fx_lntune.generation import generation_state
 from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.inject import inject_adapters
+from fx_lntune.routing import (
+    apply_selection,
+    check_adapter_name,
+    check_low_cpu_mem_usage,
+    install_call_check,
+    untie_state_dict,
+)
 from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
 
 __all__ = [
@@ -122,68 +130,10 @@ def lntune_transform(
     gm.register_state_dict_post_hook(untie_state_dict)
     apply_selection(gm)
     if len(configs) > 1:
-        from fx_lntune.adapters import add_adapter  # adapters.py builds on this module
-
         for name, other in list(configs.items())[1:]:
             add_adapter(gm, name, other)
     guard_meta_weights(gm)
     return gm
-
-
-def untie_state_dict(gm: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """A state-dict hook: a tensor seen under a second key (tied embeddings, ``lm_head.weight``) is given there as a
-    copy (in place in ``state_dict``; the graph's own parameters stay tied).
-
-    Every key stays, as in the model's state dict, but no two share memory: safetensors refuses shared tensors,
-    and Hugging Face's ``Trainer`` saves a model that is no ``PreTrainedModel`` with ``safetensors.save_file`` of
-    its state dict (the end-of-training checkpoint would fail). Loading the file back fills both keys.
-    """
-    seen: set[tuple[Any, ...]] = set()
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor) or value.is_meta:
-            continue
-        try:
-            storage = (value.device, value.untyped_storage().data_ptr())
-        except RuntimeError:  # a tensor subclass with no storage of its own (FSDP's DTensor shards): nothing shared
-            continue
-        if storage in seen:
-            state_dict[key] = value.detach().clone()
-        else:
-            seen.add(storage)
-
-
-def install_call_check(gm: torch.fx.GraphModule, names: tuple[str, ...]) -> None:
-    """Make ``gm`` refuse a call with an input not in ``names`` (in place; see `check_call_inputs`)."""
-    gm.register_forward_pre_hook(functools.partial(check_call_inputs, names=names), with_kwargs=True)
-
-
-def check_call_inputs(
-    gm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, names: tuple[str, ...]
-) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """A forward pre-hook: refuse an input the graph does not take (not in ``names``, the forward's parameters)
-    with `LNTuneTraceError` naming it and the inputs it takes, before the call (Python's own ``TypeError`` would
-    not say what to do). An input given as ``None`` that the graph does not take is dropped, as leaving it out
-    means the same."""
-    parameters = names
-    unknown = [name for name in kwargs if name not in parameters]
-    if not unknown:
-        return None
-    given = [name for name in unknown if kwargs[name] is not None]
-    if given:
-        raise LNTuneTraceError(
-            f"the graph takes no input {given[0]!r}{' (nor ' + repr(given[1:]) + ')' if given[1:] else ''}; it takes "
-            f"{list(parameters)} by keyword. Drop it, or capture with it in example_inputs if the model's forward "
-            "takes it."
-        )
-    return args, {name: value for name, value in kwargs.items() if name in parameters}
-
-
-def check_low_cpu_mem_usage(low_cpu_mem_usage: Any) -> None:
-    """PEFT's ``low_cpu_mem_usage`` flag: a bool, with no effect on LN tuning (as in PEFT)."""
-    if not isinstance(low_cpu_mem_usage, bool):
-        raise LNTuneConfigError(
-            f"low_cpu_mem_usage must be True or False, got {type(low_cpu_mem_usage).__name__} {low_cpu_mem_usage!r}."
-        )
 
 
 def _named_configs(config: Any, adapter_name: str) -> dict[str, LNTuningConfig]:
@@ -237,52 +187,6 @@ def _example_inputs(
     return make_dummy_inputs(model, names)
 
 
-_PATH_CHARACTERS = frozenset("./\\:")
-# An adapter name is a key of the nn.ModuleDict holding the copies: it cannot be one of its attributes.
-_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
-
-
-def check_adapter_name(adapter_name: Any, *, existing: Sequence[str]) -> None:
-    """Refuse names that cannot be a module key or a safe directory name, and names already in use."""
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise LNTuneAdapterError(f"an adapter name must be a non-empty string, got {adapter_name!r}.")
-    # ':' makes a drive-relative path on Windows ("C:x"); control characters (NUL) are no file name at all.
-    if any(char in _PATH_CHARACTERS or ord(char) < 32 for char in adapter_name):
-        raise LNTuneAdapterError(
-            f"adapter name {adapter_name!r} contains '.', '/', '\\', ':' or a control character; these would "
-            "break module paths or lead out of a save directory. Use letters, digits, '-' or '_'."
-        )
-    if adapter_name in _RESERVED_NAMES:
-        raise LNTuneAdapterError(
-            f"adapter name {adapter_name!r} is an attribute of torch.nn.ModuleDict, which holds the adapter copies, "
-            "so it cannot be a key there; choose another name, e.g. 'my_adapter'."
-        )
-    if adapter_name in existing:
-        raise LNTuneAdapterError(
-            f"adapter {adapter_name!r} already exists (adapters: {', '.join(existing)}); choose another name or "
-            "delete_adapter it first."
-        )
-
-
-def apply_selection(gm: torch.fx.GraphModule) -> None:
-    """Make every dispatch module route and train as the graph's state says (in place).
-
-    While an adapter is merged, forward computes that adapter alone (as `merge_and_unload` does), also where it
-    has no copy and the active adapter has one, and nothing trains.
-    """
-    state = get_state(gm)
-    merged = state.merged_adapter
-    route = merged if merged is not None else state.active_adapter
-    active = state.active_adapter
-    frozen = state.inference_mode
-    if frozen is None:
-        frozen = active is None or state.configs[active].inference_mode
-    trainable = not frozen and not state.disabled and merged is None
-    for module in dispatch_modules(gm).values():
-        module.select(route, disabled=state.disabled)
-        module.set_trainable(state.active_adapter, trainable)
-
-
 def targeted_module_names(gm: torch.fx.GraphModule) -> list[str]:
     """The paths of the modules tuned by any adapter of ``gm`` (not ``modules_to_save``), in graph order."""
     get_state(gm)
@@ -319,6 +223,10 @@ def get_nb_trainable_parameters(gm: nn.Module) -> tuple[int, int]:
 
 def print_trainable_parameters(gm: nn.Module) -> None:
     """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
-    trainable, total = get_nb_trainable_parameters(gm)
+    print(trainable_parameters_line(*get_nb_trainable_parameters(gm)))
+
+
+def trainable_parameters_line(trainable: int, total: int) -> str:
+    """PEFT's line for ``(trainable, total)`` parameter counts."""
     share = 100 * trainable / total if total else 0.0
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"

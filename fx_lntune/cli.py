@@ -20,6 +20,8 @@ import torch.nn as nn
 import transformers
 
 import fx_lntune as fl
+from fx_lntune.api import trainable_parameters_line
+from fx_lntune.capture import cache
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
@@ -92,9 +94,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     for path, kind in rows:
         module = model.get_submodule(path)
         print(f"  {path.ljust(width)}  {type(module).__name__:<20} {kind:<15} {_count(module):>12,d} params")
-    trainable, total = _dry_run_counts(model, [path for path, _ in rows])
-    share = 100 * trainable / total if total else 0.0
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+    print(trainable_parameters_line(*_dry_run_counts(model, [path for path, _ in rows])))
     return 0
 
 
@@ -235,8 +235,6 @@ def _add_cache(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from fx_lntune.capture import cache
-
     directory = cache.cache_dir()
     if directory is None:
         print("capture cache: off (FX_LNTUNE_CACHE_DIR is empty)")

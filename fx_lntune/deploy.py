@@ -25,10 +25,13 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.adapters import merge_and_unload
+from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
+from fx_lntune.generation import decoder_for
 from fx_lntune.inputs import dynamic_shapes_for
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
 from fx_lntune.passes.trace_sizes import frozen_size_users, trace_sizes
@@ -160,9 +163,6 @@ def _export_onnx_decoder(
 
 def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
     """The decoder step of `capture.decoder.decoder_with_past` for a tuned causal LM; clear errors otherwise."""
-    from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
-    from fx_lntune.generation import decoder_for
-
     state = gm.meta.get(META_KEY) if isinstance(gm, torch.fx.GraphModule) else None
     if not isinstance(state, LNTuneState):
         raise LNTuneExportError(
@@ -243,7 +243,7 @@ def _has_vmap(module: nn.Module) -> bool:
 
 
 def _graphs(module: nn.Module) -> list[torch.fx.Graph]:
-    return [child.graph for child in module.modules() if isinstance(child, torch.fx.GraphModule)]
+    return [child.graph for _, child in graph_modules(module)]
 
 
 def _export_dims(dynamic_axes: Mapping[str, dict[int, str] | None]) -> dict[str, dict[int, Any] | None]:
@@ -447,10 +447,10 @@ def _as_export_error(step: str, culprits: list[str] = ()) -> Iterator[None]:
             torch._C._functorch._vmap_decrement_nesting()
         if isinstance(error, LNTuneExportError):
             raise
-        raise LNTuneExportError(_describe(step, error, culprits)) from error
+        raise LNTuneExportError(_error_line(step, error, culprits)) from error
 
 
-def _describe(step: str, error: BaseException, culprits: list[str] = ()) -> str:
+def _error_line(step: str, error: BaseException, culprits: list[str] = ()) -> str:
     """One line: the step, the operator (from ``culprits`` or the messages), and the innermost cause's message
     (exporters wrap the real error, e.g. torch.onnx's "step 1/3" around torch.export's)."""
     chain = [error]

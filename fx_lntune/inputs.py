@@ -17,6 +17,8 @@ import torch
 import transformers
 from torch.export import Dim
 
+from fx_lntune import graph_inputs
+from fx_lntune.capture._build import capture_mode
 from fx_lntune.compat import model_token_id
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.graph_inputs import default_decoder_input_ids
@@ -420,8 +422,6 @@ def _capture_value(name: str, function: str, extra: tuple, inputs: Mapping[str, 
 
 
 def _call_default(function: str, value: Any, extra: tuple, inputs: Mapping[str, Any]) -> torch.Tensor:
-    from fx_lntune import graph_inputs
-
     args = [inputs[arg[1:]] if isinstance(arg, str) and arg.startswith("@") else arg for arg in extra]
     return getattr(graph_inputs, function)(value, *args)
 
@@ -444,8 +444,6 @@ class _DefaultChecker:
             self.output_class = type(outputs)
 
     def _run(self, inputs: Mapping[str, Any]) -> Any:
-        from fx_lntune.capture._build import capture_mode
-
         with capture_mode(self.model, training=False), torch.no_grad():
             return self.model(**inputs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["set_submodule"]
+__all__ = ["ensure_module", "set_submodule"]
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module | None:
@@ -13,13 +13,20 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> nn.Module | 
     Returns the module that was there before, or ``None``.
     """
     parent_path, _, name = path.rpartition(".")
-    parent = root
-    for part in parent_path.split(".") if parent_path else ():
-        child = parent._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
+    parent = ensure_module(root, parent_path)
     previous = parent._modules.get(name)
     parent.add_module(name, module)
     return previous
+
+
+def ensure_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``root`` at ``path`` (``root`` for ``""``), creating empty ``nn.Module`` parents where none
+    exist (in place)."""
+    module = root
+    for part in path.split(".") if path else ():
+        child = module._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            module.add_module(part, child)
+        module = child
+    return module

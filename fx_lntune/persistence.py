@@ -28,10 +28,10 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modules, resolved_config
-from fx_lntune.api import check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
-from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneStateError
+from fx_lntune.errors import LNTuneConfigError, LNTuneStateError
+from fx_lntune.routing import check_adapter_exists, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
 __all__ = [
@@ -88,7 +88,7 @@ def save_adapter(
     """
     state = get_state(gm)
     adapter_name = state.active_adapter if adapter_name is None else adapter_name
-    _check_exists(state, adapter_name)
+    check_adapter_exists(state, adapter_name)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise LNTuneStateError(f"{directory} is a file; save_adapter writes two files into a directory: pass one.")
@@ -187,7 +187,7 @@ def apply_to_model(gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str
     """
     state = get_state(gm)
     adapter_name = state.active_adapter if adapter_name is None else adapter_name
-    _check_exists(state, adapter_name)
+    check_adapter_exists(state, adapter_name)
     if not isinstance(model, nn.Module):
         raise LNTuneStateError(f"apply_to_model writes into a torch.nn.Module, got {type(model).__name__}.")
     writes = _planned_writes(gm, model, adapter_name)
@@ -208,11 +208,6 @@ def read_adapter_config(directory: str | os.PathLike) -> LNTuningConfig:
         LNTuneStateError: the file is missing, not JSON, not a PEFT config, or not LN tuning.
     """
     return _read_config(Path(directory) / CONFIG_NAME)
-
-
-def _check_exists(state: LNTuneState, adapter_name: Any) -> None:
-    if adapter_name not in state.configs:
-        raise LNTuneAdapterError(f"no adapter named {adapter_name!r}; the adapters are: {', '.join(state.configs)}.")
 
 
 def _file_prefix(path: str, module: AdapterDispatch) -> str:

@@ -12,7 +12,6 @@ import difflib
 import io
 import os
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -30,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lntune.api import print_trainable_parameters
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneExportError, LNTuneTraceError
+from fx_lntune.files import write_atomic
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
 from fx_lntune.state import META_KEY, dispatch_modules, get_state
 
@@ -239,7 +239,7 @@ def to_pydot(graph: nx.DiGraph) -> pydot.Dot:
 def write_dot(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
     """Write ``graph`` as a DOT file (`to_pydot`); the file is replaced only once it is complete."""
     path = Path(path)
-    _write_atomic(path, to_pydot(graph).to_string().encode())
+    write_atomic(path, to_pydot(graph).to_string().encode())
     return path
 
 
@@ -261,7 +261,7 @@ def write_picture(graph: nx.DiGraph, path: str | os.PathLike) -> str:
                 f"drawing {path.name} needs Graphviz's 'dot', which is not on PATH: {_INSTALL_GRAPHVIZ}, or write "
                 "an .svg, which is drawn without it."
             )
-        _write_atomic(path, layered_svg(graph).encode())
+        write_atomic(path, layered_svg(graph).encode())
         return "builtin"
     run = subprocess.run([dot, f"-T{kind}"], input=to_pydot(graph).to_string().encode(), capture_output=True)
     if run.returncode != 0:
@@ -270,7 +270,7 @@ def write_picture(graph: nx.DiGraph, path: str | os.PathLike) -> str:
             f"Graphviz dot failed on {path.name} ({message}); write a .dot file and inspect it, or use "
             "filter/depth for a smaller graph."
         )
-    _write_atomic(path, run.stdout)
+    write_atomic(path, run.stdout)
     return "dot"
 
 
@@ -547,7 +547,7 @@ def _node_data(gm: torch.fx.GraphModule, node: torch.fx.Node, propagated: Any) -
     else:
         path = stack[-1][0] if stack else ""
     value = _value_of(node)
-    shape, dtype = _describe(value if value is not None else propagated)
+    shape, dtype = _shape_and_dtype(value if value is not None else propagated)
     return {
         "op": node.op,
         "target": _target_name(node.target),
@@ -595,12 +595,12 @@ def _target_name(target: Any) -> str:
     return f"{module}.{name}"  # torch.matmul, not torch._VariableFunctionsClass.matmul
 
 
-def _describe(value: Any) -> tuple[str, str]:
+def _shape_and_dtype(value: Any) -> tuple[str, str]:
     """``("[s0, 8, 32]", "float32")`` for a tensor or its metadata; tuples of them joined; ``("", "")`` else."""
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return "[" + ", ".join(str(size) for size in value.shape) + "]", str(value.dtype).removeprefix("torch.")
     if isinstance(value, (tuple, list)) and value:
-        parts = [_describe(item) for item in value]
+        parts = [_shape_and_dtype(item) for item in value]
         if any(shape for shape, _ in parts):
             shapes = ", ".join(shape or "-" for shape, _ in parts)
             dtypes = sorted({dtype for _, dtype in parts if dtype})
@@ -679,19 +679,6 @@ def _quoted(value: Any) -> str:
     """A DOT string literal, so that no value is read as a keyword, a port or HTML."""
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{text}"'
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Beside the target (same file system, so the rename is atomic); opened as a normal file, so the umask applies.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -13,7 +13,7 @@ from conftest import captured
 from models import make_inputs, make_labels, make_model
 
 import fx_lntune as fl
-from fx_lntune.layers import graph_modules
+from fx_lntune.passes._graphs import graph_modules
 
 PREFIX = "base_model.model."
 OTHER_SHAPE = {"batch": 3, "seq": 5, "seed": 1}

@@ -14,8 +14,8 @@ import transformers
 from models import _SPECS, make_inputs, make_labels, make_model
 
 import fx_lntune as fl
+from fx_lntune.capture.layers import layer_runs
 from fx_lntune.compat import is_stateless_function_module, model_token_id
-from fx_lntune.layers import layer_runs
 
 
 def _without_start_id(arch: str) -> nn.Module:
@@ -91,7 +91,7 @@ def test_a_function_wrapper_module_is_alike_by_class_not_by_identity():
 def test_losing_the_shortened_capture_is_logged_with_the_reason(caplog):
     model = make_model("llama", depth=6)
     model.model.layers[3].mlp.act_fn = torch.nn.GELU()
-    with caplog.at_level(logging.INFO, logger="fx_lntune.layers"):
+    with caplog.at_level(logging.INFO, logger="fx_lntune.capture.layers"):
         assert layer_runs(model) == []
     assert "layers 3 and 5 differ" in caplog.text and "act_fn" in caplog.text
 

@@ -14,7 +14,7 @@ from models import make_inputs, make_model
 
 import fx_lntune as fl
 from fx_lntune.dispatch import AdapterDispatch
-from fx_lntune.layers import graph_modules
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.state import dispatch_modules, get_state
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

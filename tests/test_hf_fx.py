@@ -18,7 +18,7 @@ from models import make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune import capture
 from fx_lntune.capture import hf_fx_available
-from fx_lntune.layers import leaf_calls
+from fx_lntune.passes._graphs import leaf_calls
 
 pytestmark = pytest.mark.skipif(not hf_fx_available(), reason="transformers.utils.fx exists only in transformers < 5")
 

@@ -19,7 +19,7 @@ from models import make_config, make_inputs
 import fx_lntune as fl
 from fx_lntune.capture import hf_fx_available
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
-from fx_lntune.layers import graph_modules, leaf_calls
+from fx_lntune.passes._graphs import graph_modules, leaf_calls
 from fx_lntune.passes.split_layers import inline_layers
 
 LAYERS = {

@@ -18,8 +18,18 @@ def installed(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
     # --no-build-isolation: the venv's own setuptools builds it, so the test needs no download.
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )

@@ -32,7 +32,7 @@ from models import make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune.config import resolve_modules_to_save, resolve_targets
 from fx_lntune.dispatch import AdapterDispatch
-from fx_lntune.layers import graph_modules
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.state import dispatch_modules, get_state
 
 _EXAMPLES = os.environ.get("FX_LNTUNE_HYPOTHESIS_EXAMPLES")

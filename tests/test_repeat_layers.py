@@ -12,8 +12,9 @@ import torch.nn as nn
 from models import ARCHITECTURES, make_inputs, make_labels, make_model
 
 import fx_lntune as fl
-import fx_lntune.layers
-from fx_lntune.layers import graph_modules, layer_runs
+from fx_lntune.capture import layers as capture_layers
+from fx_lntune.capture.layers import layer_runs
+from fx_lntune.passes._graphs import graph_modules
 
 DEPTH = 6
 
@@ -37,7 +38,7 @@ def exported_depths() -> Iterator[list[list[int]]]:
 def _whole(model: nn.Module, monkeypatch: pytest.MonkeyPatch, **options) -> torch.fx.GraphModule:
     """The capture of every layer: what the shortened capture must reproduce."""
     with monkeypatch.context() as patch:
-        patch.setattr(fx_lntune.layers, "layer_runs", lambda model: [])
+        patch.setattr(capture_layers, "layer_runs", lambda model: [])
         return fl.lntune_transform(model, fl.LNTuningConfig(), cache=False, **options)
 
 

@@ -12,7 +12,7 @@ from conftest import captured
 from models import make_inputs
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_lntune.layers import graph_modules
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 
 

@@ -14,7 +14,7 @@ from models import ARCHITECTURES, make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune.capture import hf_fx_available
 from fx_lntune.config import DEFAULT_TARGET_MODULES
-from fx_lntune.layers import graph_modules, leaf_calls
+from fx_lntune.passes._graphs import graph_modules, leaf_calls
 
 # Where transformers 4.x's tracer captures at all (it fails on the others, see the README's coverage table).
 HF_FX_ARCHITECTURES = ["bert", "roberta", "distilbert", "bart"]

@@ -21,9 +21,9 @@ import torch.nn as nn
 
 from fx_lntune.capture.export import capture_export
 from fx_lntune.capture.fx import capture_fx, capture_hf_fx, hf_fx_available
+from fx_lntune.capture.layers import find_layers
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.inputs import InputPlan
-from fx_lntune.layers import find_layers
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.keyword_inputs import keyword_inputs, model_output_in_graph
 from fx_lntune.passes.model_loss import add_model_loss

@@ -14,7 +14,9 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.errors import LNTuneTraceError
-from fx_lntune.modules import set_submodule
+from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
+from fx_lntune.modules import ensure_module, set_submodule
+from fx_lntune.passes._graphs import checkpointed_call
 
 __all__ = ["ReloadTracer", "alias_model", "build_graph_module", "capture_mode", "trace_error"]
 
@@ -31,9 +33,6 @@ class ReloadTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True
 
     def __init__(self) -> None:
-        from fx_lntune.graph_inputs import GRAPH_FUNCTIONS
-        from fx_lntune.passes.checkpoint_layers import checkpointed_call
-
         # The graph's default-filling and loss calls, and a checkpointed layer call (`passes.checkpoint_layers`),
         # stay calls: run on proxies they would vanish into their internals.
         super().__init__(autowrap_functions=(*GRAPH_FUNCTIONS, checkpointed_call))
@@ -91,7 +90,7 @@ def build_graph_module(
     for owner_path, owner in shell.named_modules(remove_duplicate=False):
         if not owner._parameters and not owner._buffers:
             continue
-        target = _ensure_module(gm, owner_path)
+        target = ensure_module(gm, owner_path)
         for name, param in owner._parameters.items():
             if param is not None and name not in target._parameters:
                 target.register_parameter(name, param)
@@ -171,17 +170,6 @@ def _lookup(root: nn.Module, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _ensure_module(gm: nn.Module, path: str) -> nn.Module:
-    module = gm
-    for part in path.split(".") if path else ():
-        child = module._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            module.add_module(part, child)
-        module = child
-    return module
 
 
 def trace_error(frontend: str, model: nn.Module, error: BaseException, suggestion: str) -> LNTuneTraceError:

@@ -61,6 +61,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from fx_lntune.capture._build import _configs, _has_path, _lookup
+from fx_lntune.modules import ensure_module
+
 __all__ = [
     "FORMAT",
     "CacheWarning",
@@ -212,12 +215,12 @@ def _module_tree(model: nn.Module) -> list[Any]:
     tree = []
     for path, module in model.named_modules(remove_duplicate=False):
         hooks = [
-            [name, [_describe_hook(hook) for hook in getattr(module, name).values()]]
+            [name, [_hook_key(hook) for hook in getattr(module, name).values()]]
             for name in hook_dicts
             if getattr(module, name, None) and isinstance(getattr(module, name), dict)
         ]
         attrs = {
-            name: _describe(value)
+            name: _key_value(value)
             for name, value in vars(module).items()
             if name not in _MODULE_INTERNALS and "hook" not in name
         }
@@ -235,11 +238,11 @@ def _module_tree(model: nn.Module) -> list[Any]:
     return tree
 
 
-def _describe_hook(hook: Any) -> list[Any]:
+def _hook_key(hook: Any) -> list[Any]:
     """A hook by the function it calls and a hash of the file defining that function (or of its source)."""
     arguments = []
     while isinstance(hook, functools.partial):
-        arguments.append([_describe(arg) for arg in hook.args])
+        arguments.append([_key_value(arg) for arg in hook.args])
         hook = hook.func
     name = f"{getattr(hook, '__module__', None)}.{getattr(hook, '__qualname__', type(hook).__qualname__)}"
     file = getattr(sys.modules.get(getattr(hook, "__module__", None) or ""), "__file__", None)
@@ -252,16 +255,16 @@ def _describe_hook(hook: Any) -> list[Any]:
         raise _Unsupported(f"no source for hook {name}") from error
 
 
-def _describe(value: Any) -> Any:
+def _key_value(value: Any) -> Any:
     """A stable description of a plain attribute (its value for primitives; its type for anything else)."""
     if isinstance(value, _PRIMITIVES):
         return value if not isinstance(value, float) or math.isfinite(value) else repr(value)
     if isinstance(value, (torch.dtype, torch.device)):
         return str(value)
     if isinstance(value, (list, tuple)) and len(value) <= 64:
-        return [_describe(item) for item in value]
+        return [_key_value(item) for item in value]
     if isinstance(value, dict) and len(value) <= 64 and all(isinstance(key, str) for key in value):
-        return {key: _describe(item) for key, item in value.items()}
+        return {key: _key_value(item) for key, item in value.items()}
     if isinstance(value, torch.Tensor):
         return ["tensor", list(value.shape), str(value.dtype), value.device.type]
     if isinstance(value, functools.partial):
@@ -270,8 +273,6 @@ def _describe(value: Any) -> Any:
 
 
 def _configs_of(model: nn.Module) -> list[str]:
-    from fx_lntune.capture._build import _configs
-
     described = []
     for config in _configs(model):
         fields = dict(config.to_dict())
@@ -560,8 +561,6 @@ class _Writer:
         return program, self.blobs
 
     def _attribute(self, target: str, subgraphs: dict[str, torch.fx.GraphModule]) -> None:
-        from fx_lntune.capture._build import _has_path, _lookup
-
         if _has_path(self.model, target) or target in subgraphs or any(c["name"] == target for c in self.constants):
             return
         try:
@@ -1010,14 +1009,8 @@ def int_oo() -> Any:
 
 
 def _place(root: nn.Module, path: str, value: Any) -> None:
-    owner = root
-    *parents, name = path.split(".")
-    for part in parents:
-        child = owner._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            owner.add_module(part, child)
-        owner = child
+    parent, _, name = path.rpartition(".")
+    owner = ensure_module(root, parent)
     if isinstance(value, nn.Module):
         owner.add_module(name, value)
     elif isinstance(value, nn.Parameter):

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from fx_lntune.capture._build import build_graph_module
 from fx_lntune.errors import LNTuneGenerationError
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
@@ -287,12 +288,11 @@ def capture_step(
         for module, mode in modes:
             module.training = mode
     unlifted = program.module()
-    for module in unlifted.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in list(module.graph.nodes):
-                if node.target in _CHECK_OPS or (node.op == "call_module" and node.target == "_guards_fn"):
-                    module.graph.erase_node(node)
-            module.recompile()
+    for _, module in graph_modules(unlifted):
+        for node in list(module.graph.nodes):
+            if node.target in _CHECK_OPS or (node.op == "call_module" and node.target == "_guards_fn"):
+                module.graph.erase_node(node)
+        module.recompile()
     gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
     gm = run_pass(fold_module_calls, gm, paths=paths)
     inside = tuple(f"{path}." for path in paths)

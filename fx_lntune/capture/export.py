@@ -13,9 +13,11 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture import cache as capture_cache
+from fx_lntune.capture import layers
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.dropout import fold_dropout
@@ -69,14 +71,12 @@ def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tup
     subgraphs, and whether it was captured in training mode. What the capture cache stores.
 
     Tracing is nearly all of a capture's time and grows with depth, so a model whose layers are alike
-    (`fx_lntune.layers.layer_runs`) is exported with its layer lists shortened to three alike layers, and
+    (`capture.layers.layer_runs`) is exported with its layer lists shortened to three alike layers, and
     `passes.repeat_layers` copies the last one for each layer left out: the same graph as exporting every layer.
     Where that cannot be done (the layers' graphs differ, or the model needs all its layers to run), the whole
     model is exported.
     """
-    from fx_lntune.layers import layer_runs  # imports the passes package, which imports this module's users
-
-    runs = layer_runs(model)
+    runs = layers.layer_runs(model)
     attempts = [(runs, True), (runs, False)] if runs else []
     attempts += [([], True), ([], False)]
     errors = []
@@ -121,13 +121,12 @@ def _unlift(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    for module in unlifted.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in list(module.graph.nodes):
-                if node.target in _CHECK_OPS:
-                    module.graph.erase_node(node)
-            if module is not unlifted:
-                module.recompile()
+    for _, module in graph_modules(unlifted):
+        for node in list(module.graph.nodes):
+            if node.target in _CHECK_OPS:
+                module.graph.erase_node(node)
+        if module is not unlifted:
+            module.recompile()
     return unlifted
 
 
@@ -140,8 +139,6 @@ def _shortened(model: nn.Module, runs: Sequence[LayerRun]) -> Iterator[list[str]
     compared, indexed with or computed on. Copying layers is right only when the number decides nothing in the
     graph (in Hugging Face models it picks a KV-cache slot, and the cache is off during capture).
     """
-    from fx_lntune.layers import LAYER_NUMBERS
-
     swapped, watched, read = [], [], []
     try:
         for run in runs:
@@ -151,7 +148,7 @@ def _shortened(model: nn.Module, runs: Sequence[LayerRun]) -> Iterator[list[str]
             set_submodule(model, run.path, short)
             swapped.append((run.path, whole))
             for module in short.modules():
-                for attribute in LAYER_NUMBERS & vars(module).keys():
+                for attribute in layers.LAYER_NUMBERS & vars(module).keys():
                     number = getattr(module, attribute)
                     if type(number) is int:
                         watched.append((module, attribute, number))

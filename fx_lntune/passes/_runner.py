@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import graph_modules
+
 __all__ = ["run_pass"]
 
 # torch.export records vmap (used by transformers 4.x's mask code) as nesting calls whose results nobody reads;
@@ -38,7 +40,7 @@ def run_pass(
     result = pass_fn(gm, **options)
     out = result.graph_module
     # The root and each layer's GraphModule inside it (`passes.split_layers`), innermost first.
-    graphs = [module for module in out.modules() if isinstance(module, torch.fx.GraphModule)]
+    graphs = [module for _, module in graph_modules(out)]
     for module in reversed(graphs):
         if cleanup:
             module.graph.eliminate_dead_code(is_impure_node=_is_impure)
@@ -50,7 +52,7 @@ def run_pass(
 
 
 def _layer_graphs(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
-    return [module for module in gm.modules() if isinstance(module, torch.fx.GraphModule) and module is not gm]
+    return [module for path, module in graph_modules(gm) if path]  # not gm itself
 
 
 def _fingerprint(module: torch.fx.GraphModule) -> tuple:

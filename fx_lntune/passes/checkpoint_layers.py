@@ -7,19 +7,9 @@ import torch.fx
 import torch.utils.checkpoint
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_lntune.passes.split_layers import layer_calls
+from fx_lntune.passes._graphs import checkpointed_call, layer_calls
 
 __all__ = ["checkpoint_layers", "checkpointed_call"]
-
-
-@torch.fx.wrap
-def checkpointed_call(layer: torch.nn.Module, *args):
-    """``layer(*args)`` under non-reentrant `torch.utils.checkpoint`: only the inputs are kept for backward.
-
-    A function of its own (wrapped for torch.fx), so that a pickled graph, which torch.fx re-traces on load,
-    keeps the call as one node instead of tracing into the checkpoint machinery.
-    """
-    return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
 
 
 def checkpoint_layers(gm: torch.fx.GraphModule, *, enabled: bool) -> PassResult:

@@ -6,6 +6,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import graph_modules
+
 __all__ = ["follow_input_device"]
 
 
@@ -23,12 +25,11 @@ def follow_input_device(gm: torch.fx.GraphModule) -> PassResult:
         device = getattr(input_ids, 'device');  arange(n, device=device)
     """
     modified = False
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            changed = _rewrite(module.graph)
-            if changed and module is not gm:
-                module.recompile()
-            modified |= changed
+    for _, module in graph_modules(gm):
+        changed = _rewrite(module.graph)
+        if changed and module is not gm:
+            module.recompile()
+        modified |= changed
     return PassResult(gm, modified)
 
 

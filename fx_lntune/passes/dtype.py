@@ -18,6 +18,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import graph_modules
+
 __all__ = ["follow_weight_dtype", "finfo_min", "finfo_max"]
 
 _WEIGHT, _PINNED, _FIXED = "weight", "pinned", "fixed"
@@ -55,8 +57,8 @@ def follow_weight_dtype(gm: torch.fx.GraphModule) -> PassResult:
     metadata torch.export records; a graph without it is left as it was.
     """
     modified = False
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule) and (module is gm or _floating_parameter(module) is not None):
+    for _, module in graph_modules(gm):
+        if module is gm or _floating_parameter(module) is not None:
             changed = _rewrite(module)
             if changed and module is not gm:
                 module.recompile()

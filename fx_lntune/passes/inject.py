@@ -9,8 +9,8 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneConfigError
-from fx_lntune.layers import leaf_calls
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import leaf_calls
 
 __all__ = ["NODE_MARK", "inject_adapters"]
 

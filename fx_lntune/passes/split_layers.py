@@ -11,6 +11,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import layer_calls, submodule_or_none
 from fx_lntune.passes.fold import _stack_above  # the same trim of a node's module stack as a folded call
 
 __all__ = ["split_layers", "inline_layers", "layer_calls"]
@@ -50,7 +51,7 @@ def split_layers(gm: torch.fx.GraphModule, *, layers: Sequence[str]) -> PassResu
     splittable = [
         path
         for path in sorted(spans, key=lambda path: spans[path][0])
-        if len(calls[path]) == 1 and path not in called and type(_submodule(gm, path)) is nn.Module
+        if len(calls[path]) == 1 and path not in called and type(submodule_or_none(gm, path)) is nn.Module
     ]
     splittable = _disjoint(splittable, spans)
     for path in splittable:
@@ -84,13 +85,6 @@ def _disjoint(paths: list[str], spans: dict[str, tuple[int, int]]) -> list[str]:
         if all(spans[other][1] < first or spans[other][0] > last for other in paths[:index] + paths[index + 1 :]):
             keep.append(path)
     return keep
-
-
-def _submodule(gm: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return gm.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node]) -> None:
@@ -163,23 +157,6 @@ def _move_layer(gm: torch.fx.GraphModule, path: str, members: list[torch.fx.Node
 def _class_name(module_type: object) -> str:
     name = getattr(module_type, "__name__", None) or str(module_type).rsplit(".", 1)[-1]
     return name.strip("'<>") or "GraphModule"
-
-
-def layer_calls(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, str]]:
-    """The root graph's calls of layer modules (plain or checkpointed), with each layer's path, in call order."""
-    from fx_lntune.passes.checkpoint_layers import checkpointed_call
-
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            path = str(node.target)
-        elif node.op == "call_function" and node.target is checkpointed_call and node.args[0].op == "get_attr":
-            path = str(node.args[0].target)
-        else:
-            continue
-        if isinstance(_submodule(gm, path), torch.fx.GraphModule):
-            found.append((node, path))
-    return found
 
 
 def inline_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -8,6 +8,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from fx_lntune.passes._graphs import graph_modules
+
 __all__ = ["trace_sizes", "frozen_size_users"]
 
 _aten = torch.ops.aten
@@ -72,9 +74,7 @@ def trace_sizes(gm: torch.fx.GraphModule) -> PassResult:
     An aten op without a twin keeps its frozen size: `frozen_size_users` names them.
     """
     modified = False
-    for module in gm.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
+    for _, module in graph_modules(gm):
         graph = module.graph
         for node in list(graph.nodes):
             if node.op == "call_function" and node.target is _aten.sym_size.int:
@@ -98,9 +98,8 @@ def frozen_size_users(gm: torch.fx.GraphModule) -> list[str]:
     """The ops of ``gm`` (and its graph submodules) that take a size `trace_sizes` cannot keep traced."""
     twins = set(PYTHON_TWINS.values())
     frozen = set()
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            frozen |= {_name(node.target) for node in _size_users(module.graph) if node.target not in twins}
+    for _, module in graph_modules(gm):
+        frozen |= {_name(node.target) for node in _size_users(module.graph) if node.target not in twins}
     return sorted(frozen)
 
 

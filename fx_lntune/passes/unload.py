@@ -7,6 +7,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from tqdm import tqdm
 
 from fx_lntune.modules import set_submodule
+from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes.checkpoint_layers import checkpoint_layers
 from fx_lntune.passes.inject import NODE_MARK
 from fx_lntune.state import detach_state, dispatch_modules, get_state
@@ -33,9 +34,8 @@ def unload_adapters(gm: torch.fx.GraphModule, *, progressbar: bool = False) -> P
     modules = dispatch_modules(gm)
     for path, module in tqdm(modules.items(), desc="unloading", disable=not progressbar):
         set_submodule(gm, path, module.base.requires_grad_(False))
-    for module in gm.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            for node in module.graph.nodes:
-                node.meta.pop(NODE_MARK, None)
+    for _, module in graph_modules(gm):
+        for node in module.graph.nodes:
+            node.meta.pop(NODE_MARK, None)
     detach_state(gm)
     return PassResult(gm, True)

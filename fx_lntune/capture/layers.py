@@ -1,9 +1,8 @@
-"""The model's repeated layers as submodules of a tuned graph: finding them, listing them, checkpointing them.
+"""Capture-time layer discovery: the model's repeated layers (``model.layers.i``, ``encoder.layer.i``, ``h.i``, ...)
+found by structure, and the layer lists a capture can run shortened.
 
-Capture splits the flat graph so that each layer of the model (``model.layers.i``, ``encoder.layer.i``, ``h.i``,
-...) is a ``torch.fx.GraphModule`` at its own path that the root graph calls (`passes.split_layers`). FSDP2 can
-then shard per layer (``fully_shard(layer)`` for each of `layer_modules`), and `gradient_checkpointing` can
-recompute each layer's activations in backward.
+After capture the layers are GraphModules of their own (`passes.split_layers`); the verbs on them are in
+`fx_lntune.layer_graphs`.
 """
 
 from __future__ import annotations
@@ -15,33 +14,17 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.compat import is_stateless_function_module
-from fx_lntune.passes._runner import run_pass
-from fx_lntune.passes.checkpoint_layers import checkpoint_layers
-from fx_lntune.passes.chunk_loss import chunk_loss
 from fx_lntune.passes.repeat_layers import LayerRun
-from fx_lntune.passes.split_layers import layer_calls
-from fx_lntune.state import get_state
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "find_layers",
-    "layer_runs",
-    "layer_modules",
-    "gradient_checkpointing",
-    "chunked_loss",
-    "graph_modules",
-    "leaf_calls",
-]
+__all__ = ["LAYER_NUMBERS", "find_layers", "layer_runs"]
 
 # Per-layer numbering, the one attribute alike layers differ in; what it decides (the slot in a KV cache) is off
 # during capture, and the capture checks that the forward computes nothing from it (`capture.export._shortened`).
 LAYER_NUMBERS = frozenset({"layer_idx", "layer_id"})
 # Module attributes that are not configuration: state torch keeps and compares separately, or not at all.
 _NOT_CONFIG = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"})
-
-_CHECKPOINTING = "gradient_checkpointing"
-_CHUNKED_LOSS = "chunked_loss"
 
 
 def find_layers(model: nn.Module) -> list[str]:
@@ -123,7 +106,7 @@ def _signature(layer: nn.Module) -> list:
     signature = []
     for name, module in layer.named_modules(remove_duplicate=False):
         attributes = sorted(
-            (key, _describe(value))
+            (key, _comparable(value))
             for key, value in vars(module).items()
             if key not in _NOT_CONFIG and key not in LAYER_NUMBERS
         )
@@ -137,80 +120,20 @@ def _signature(layer: nn.Module) -> list:
     return signature
 
 
-def _describe(value: object) -> object:
+def _comparable(value: object) -> object:
     """Plain values as themselves, containers element by element, anything else (configs, functions) by
     identity: alike layers share their config object and activation function."""
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         return value
     if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_describe(item) for item in value))
+        return (type(value).__name__, tuple(_comparable(item) for item in value))
     if isinstance(value, (set, frozenset)):  # e.g. pruned attention heads
-        return (type(value).__name__, frozenset(_describe(item) for item in value))
+        return (type(value).__name__, frozenset(_comparable(item) for item in value))
     if isinstance(value, dict):  # hook dictionaries are keyed by a global handle id: compare the hooks only
-        return ("dict", tuple((key if isinstance(key, str) else None, _describe(item)) for key, item in value.items()))
+        return (
+            "dict",
+            tuple((key if isinstance(key, str) else None, _comparable(item)) for key, item in value.items()),
+        )
     if is_stateless_function_module(value):  # one per layer, each wrapping the same function
         return ("function module", type(value))
     return ("object", id(value))
-
-
-def layer_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
-    """The layer submodules of ``gm`` in the order the root graph calls them (empty for a graph without any).
-
-    Works on tuned graphs and on the plain graphs `merge_and_unload` returns. For per-layer FSDP2::
-
-        for layer in fl.layer_modules(gm):
-            fully_shard(layer)
-        fully_shard(gm)
-    """
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"layer_modules needs a torch.fx.GraphModule, got {type(gm).__name__}.")
-    modules: list[torch.fx.GraphModule] = []
-    for _, path in layer_calls(gm):
-        layer = gm.get_submodule(path)
-        if all(layer is not seen for seen in modules):
-            modules.append(layer)
-    return modules
-
-
-def gradient_checkpointing(gm: torch.fx.GraphModule, enabled: bool = True) -> None:
-    """Recompute each layer's activations in backward instead of keeping them (in place; ``enabled=False`` undoes it).
-
-    Every layer call of the root graph runs under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``,
-    as Hugging Face's ``model.gradient_checkpointing_enable()`` does per decoder layer: gradients are the same, and
-    only each layer's inputs stay alive between forward and backward. Turning it off gives the plain graph back,
-    code and outputs. The setting is kept in the graph's state and survives ``copy.deepcopy`` and pickling.
-    """
-    state = get_state(gm)
-    run_pass(checkpoint_layers, gm, enabled=bool(enabled))
-    state.extra[_CHECKPOINTING] = bool(enabled)
-
-
-def chunked_loss(gm: torch.fx.GraphModule, enabled: bool = True) -> None:
-    """Compute the causal / masked LM loss from the head's input chunk by chunk (in place; ``enabled=False`` undoes
-    it): in training mode with ``labels`` the output carries ``loss`` and no ``logits``, and the whole
-    ``batch x seq x vocab`` logits tensor is never materialized; in eval mode or without labels the output is as
-    before. Heads other than a plain (frozen) linear, optionally plus a bias tensor, are left as they are.
-    """
-    state = get_state(gm)
-    run_pass(chunk_loss, gm, enabled=bool(enabled))
-    state.extra[_CHUNKED_LOSS] = bool(enabled)
-
-
-def graph_modules(gm: torch.fx.GraphModule) -> list[tuple[str, torch.fx.GraphModule]]:
-    """``gm`` and every GraphModule inside it (its layers), with their paths (``""`` for ``gm``), in module order."""
-    return [(path, module) for path, module in gm.named_modules() if isinstance(module, torch.fx.GraphModule)]
-
-
-def leaf_calls(gm: torch.fx.GraphModule) -> dict[str, list[torch.fx.Node]]:
-    """Every ``call_module`` node of ``gm`` and of its layer graphs, by the called module's full path (not the
-    layer calls themselves): where a layer's graph calls ``input_layernorm``, the path is
-    ``model.layers.0.input_layernorm``."""
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for prefix, module in graph_modules(gm):
-        for node in module.graph.nodes:
-            if node.op != "call_module":
-                continue
-            path = f"{prefix}.{node.target}" if prefix else str(node.target)
-            if not isinstance(gm.get_submodule(path), torch.fx.GraphModule):
-                calls.setdefault(path, []).append(node)
-    return calls
