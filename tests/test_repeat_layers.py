@@ -4,6 +4,7 @@ gives the graph a capture of every layer gives; layers that are not alike are ca
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import pytest
@@ -83,10 +84,11 @@ def test_shortened_capture_gives_the_graph_of_every_layer(arch, monkeypatch):
     labels = make_labels(arch, inputs)
     with torch.no_grad():
         logits = ours(**inputs).logits
-        # Bit for bit what the whole capture computes; the model itself within float rounding: under transformers
-        # 4.57, T5's decoder self-attention in any capture (whole too) differs from eager in the 7th digit.
         assert torch.equal(logits, whole(**inputs).logits)
-        torch.testing.assert_close(logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+        # The capture runs without the KV cache. With it, transformers 4.57's T5 concatenates keys into its cache
+        # (another memory layout, so other matmul rounding: the 7th digit), so compare with the cache off.
+        no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        assert torch.equal(logits, model(**inputs, **no_cache).logits)
     # Training: the same dropout draws in the same order, the same loss and adapter gradients.
     ours.train(), whole.train()
     losses, grads = [], []
