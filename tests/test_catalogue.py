@@ -481,5 +481,7 @@ def test_meta_graph_runs_on_meta_inputs_and_guard_goes_once_materialised():
 def _meta_guards(gm) -> list:
     """The graph's forward pre-hooks but the check of call inputs every tuned graph has."""
     return [
-        hook for hook in gm._forward_pre_hooks.values() if getattr(hook, "func", None) is not fl.api.check_call_inputs
+        hook
+        for hook in gm._forward_pre_hooks.values()
+        if getattr(hook, "func", None) is not fl.routing.check_call_inputs
     ]
