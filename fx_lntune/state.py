@@ -52,6 +52,9 @@ def attach_state(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
     gm.meta[META_KEY] = state
     setattr(gm, _STATE_ATTRIBUTE, state)
     gm.meta.setdefault(_PRESERVED, {})[_STATE_ATTRIBUTE] = state
+    from fx_lntune.methods import with_methods  # the methods delegate to modules that build on this one
+
+    with_methods(gm)
 
 
 def detach_state(gm: torch.fx.GraphModule) -> None:
@@ -62,6 +65,9 @@ def detach_state(gm: torch.fx.GraphModule) -> None:
     preserved.pop(_STATE_ATTRIBUTE, None)
     if not preserved:
         gm.meta.pop(_PRESERVED, None)
+    from fx_lntune.methods import without_methods
+
+    without_methods(gm)
 
 
 def get_state(gm: torch.fx.GraphModule) -> LNTuneState:
