@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_peft_api import INPUTS, PREFIX, _logits, _pair, _same
+from test_peft_api import INPUTS, _logits, _pair, _same
 
 import fx_lntune as fl
 from fx_lntune.methods import TunedGraphModule
@@ -49,8 +49,9 @@ def test_peft_usage_through_methods_matches_peft(tmp_path, capsys):
         assert sorted(p.name for p in (ours / sub).iterdir() if p.is_file()) == sorted(
             p.name for p in (theirs / sub).iterdir() if p.is_file()
         )
-        mine, peft_weights = load_file(ours / sub / "adapter_model.safetensors"), load_file(
-            theirs / sub / "adapter_model.safetensors"
+        mine, peft_weights = (
+            load_file(ours / sub / "adapter_model.safetensors"),
+            load_file(theirs / sub / "adapter_model.safetensors"),
         )
         assert mine.keys() == peft_weights.keys()
         for key in mine:
@@ -88,7 +89,8 @@ def test_generate_and_checkpointing_methods():
     ids = INPUTS["input_ids"][:1]
     assert gm.can_generate()
     assert torch.equal(gm.generate(ids, max_new_tokens=3, do_sample=False), fl.generate(gm, ids, max_new_tokens=3))
-    assert torch.equal(gm.generate(input_ids=ids, max_new_tokens=3), reference.generate(input_ids=ids, max_new_tokens=3))
+    expected = reference.generate(input_ids=ids, max_new_tokens=3)
+    assert torch.equal(gm.generate(input_ids=ids, max_new_tokens=3), expected)
     assert not gm.is_gradient_checkpointing
     gm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     gm.enable_input_require_grads()
