@@ -113,24 +113,35 @@ class TunedGraphModule(torch.fx.GraphModule):
     def unload(self, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
         return _fl().unload(self, *args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self,
+        gradient_checkpointing_kwargs: Mapping[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
         """As the Hugging Face model's: every layer call recomputes in backward (non-reentrant checkpointing)."""
+        from fx_lntune.errors import LNTuneConfigError
+
         kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.pop("use_reentrant", False):
-            from fx_lntune.errors import LNTuneConfigError
-
+        kwargs.pop("use_reentrant", None) if kwargs.get("use_reentrant") is False else None
+        if kwargs or every_n_layers != 1 or offload:
             raise LNTuneConfigError(
-                "the tuned graph checkpoints its layers with use_reentrant=False only; pass "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} or leave them out."
-            )
-        if kwargs:
-            from fx_lntune.errors import LNTuneConfigError
-
-            raise LNTuneConfigError(
-                f"gradient_checkpointing_kwargs {sorted(kwargs)} are not supported by the tuned graph; "
-                "it takes use_reentrant=False only."
+                f"the tuned graph checkpoints every layer with use_reentrant=False only; got kwargs {kwargs}, "
+                f"every_n_layers={every_n_layers}, offload={offload}: leave them out."
             )
         _fl().gradient_checkpointing(self, True)
+
+    def activation_checkpointing_enable(
+        self,
+        activation_checkpointing_kwargs: Mapping[str, Any] | None = None,
+        every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """transformers 5's name of `gradient_checkpointing_enable` (the stock Trainer calls it)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
 
     def gradient_checkpointing_disable(self) -> None:
         _fl().gradient_checkpointing(self, False)

@@ -105,3 +105,52 @@ def test_unknown_attribute_names_the_tuned_graph():
     _, gm, _ = _pair("default")
     with pytest.raises(AttributeError, match=r"tuned torch\.fx\.GraphModule .*LlamaForCausalLM.*fl\.generate"):
         gm.no_such_method()  # noqa: B018
+
+
+def _saved_and_grads(gm) -> tuple[int, dict[str, torch.Tensor]]:
+    saved = []
+    gm.eval()  # no dropout: the two runs must match
+    gm.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = gm(**INPUTS, labels=INPUTS["input_ids"])[0]
+    loss.backward()
+    return len(saved), {name: p.grad.clone() for name, p in gm.named_parameters() if p.requires_grad}
+
+
+def test_stock_trainer_with_gradient_checkpointing_trains_checkpointed(tmp_path):
+    import transformers
+
+    _, gm, _ = _pair("default")
+    plain_saved, _ = _saved_and_grads(gm)
+    rows = [{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids in INPUTS["input_ids"]]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=3,
+        learning_rate=0.0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        gradient_checkpointing=True,
+    )
+    transformers.Trainer(model=gm, args=args, train_dataset=rows).train()
+    assert gm.is_gradient_checkpointing
+    saved, grads = _saved_and_grads(gm)
+    assert saved < plain_saved
+    gm.gradient_checkpointing_disable()  # the same weights as trained, without checkpointing
+    _, plain_grads = _saved_and_grads(gm)
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], atol=1e-6, rtol=1e-5)
+
+
+def test_generate_takes_a_tokenizer_output_positionally():
+    _, gm, _ = _pair("default")
+    from transformers import BatchEncoding
+
+    ids = INPUTS["input_ids"][1:]
+    encoded = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    expected = fl.generate(gm, **encoded, max_new_tokens=2)
+    assert torch.equal(fl.generate(gm, encoded, max_new_tokens=2), expected)
+    assert torch.equal(gm.generate(encoded, max_new_tokens=2), expected)
