@@ -37,10 +37,12 @@ from fx_lntune.errors import (
 from fx_lntune.generation import generate
 from fx_lntune.layer_graphs import chunked_loss, gradient_checkpointing, layer_modules
 from fx_lntune.materialize import materialize
+from fx_lntune.methods import TunedGraphModule
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
 from fx_lntune.visualize import visualize_graph
 
 __all__ = [
+    "TunedGraphModule",
     "LNTuningConfig",
     "LNTuningDispatch",
     "ModulesToSaveDispatch",

@@ -402,7 +402,8 @@ def _unwrap(gm: torch.fx.GraphModule, path: str, module: AdapterDispatch) -> Non
 def _model_view(gm: torch.fx.GraphModule) -> nn.Module:
     """A module tree with the model's names in which each dispatch module shows as the module it replaced, for
     matching a new adapter's patterns the way they would match the model."""
-    view = nn.Module()
+    # Named as the model's class, so that a message about the view names the model.
+    view = type(get_state(gm).model_class or type(gm).__name__, (nn.Module,), {})()
     pending = [(view, gm)]
     while pending:
         mirror, module = pending.pop()

@@ -22,7 +22,7 @@ from fx_lntune.config import (
     resolve_targets,
 )
 from fx_lntune.dispatch import LNTuningDispatch
-from fx_lntune.errors import LNTuneConfigError, LNTuneTraceError
+from fx_lntune.errors import LNTuneConfigError, LNTuneStateError, LNTuneTraceError
 from fx_lntune.generation import generation_state
 from fx_lntune.inputs import check_example_inputs, default_input_names, make_dummy_inputs, plan_inputs
 from fx_lntune.meta_device import guard_meta_weights
@@ -35,7 +35,7 @@ from fx_lntune.routing import (
     install_call_check,
     untie_state_dict,
 )
-from fx_lntune.state import LNTuneState, attach_state, dispatch_modules, get_state
+from fx_lntune.state import META_KEY, LNTuneState, attach_state, dispatch_modules, get_state
 
 __all__ = [
     "lntune_transform",
@@ -87,6 +87,11 @@ def lntune_transform(
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
             f"lntune_transform needs a torch.nn.Module, got {type(model).__name__}; pass the model itself."
+        )
+    if isinstance(model, torch.fx.GraphModule) and META_KEY in model.meta:
+        raise LNTuneStateError(
+            "this graph is already tuned (made by lntune_transform): use add_adapter(gm, name, config) to give it "
+            "another adapter, or transform the original model."
         )
     check_low_cpu_mem_usage(low_cpu_mem_usage)
     configs = _named_configs(config, adapter_name)

@@ -92,6 +92,7 @@ def generate(
     Decoding runs transformers' ``generate`` with a KV cache: the prompt is computed once, then one token per
     step. The step graphs are captured at the first call (a few seconds) and kept. For an encoder-decoder,
     ``input_ids`` go to the encoder (once) and ``decoder_input_ids`` may start the decoder. ``gm`` is not changed.
+    A tokenizer's output (a ``BatchEncoding`` or dict) may come as ``input_ids``: it is read as ``**enc``.
 
     Raises:
         LNTuneGenerationError: the model cannot generate (an encoder-only or classification model), or an
@@ -99,6 +100,12 @@ def generate(
     """
     state = get_state(gm)
     _check_can_generate(gm, state)
+    if isinstance(input_ids, Mapping):  # a tokenizer's output passed positionally: read as model.generate(**enc)
+        encoded = dict(input_ids)
+        if attention_mask is not None:
+            encoded.setdefault("attention_mask", attention_mask)
+        input_ids, attention_mask = encoded.pop("input_ids", None), encoded.pop("attention_mask", None)
+        kwargs = {**encoded, **kwargs}
     _check_arguments(kwargs, encoder_decoder=bool(gm.config.is_encoder_decoder))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise LNTuneGenerationError(

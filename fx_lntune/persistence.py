@@ -91,7 +91,10 @@ def save_adapter(
     check_adapter_exists(state, adapter_name)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise LNTuneStateError(f"{directory} is a file; save_adapter writes two files into a directory: pass one.")
+        raise LNTuneStateError(
+            f"{directory} is a file; save_adapter writes its files (config, weights, model card) into a directory: "
+            "pass one."
+        )
     if not isinstance(model_card, bool):
         raise LNTuneStateError(f"model_card must be True or False, got {type(model_card).__name__} {model_card!r}.")
     tensors = {key: _detached_copy(value) for key, value in _adapter_tensors(gm, adapter_name)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.fx
@@ -47,11 +48,25 @@ class LNTuneState:
     inference_mode: bool | None = None
 
 
+# The graph's class with PeftModel's methods comes from the package's top floor (`fx_lntune.methods`), which
+# registers how to give it and take it back: state, on the lowest floor, imports nothing above it.
+_CLASS_HOOKS: dict[str, Callable[[torch.fx.GraphModule], None]] = {}
+
+
+def register_class_hooks(
+    attach: Callable[[torch.fx.GraphModule], None], detach: Callable[[torch.fx.GraphModule], None]
+) -> None:
+    """Called once by `fx_lntune.methods`: ``attach`` runs when a graph gets its state, ``detach`` when it loses it."""
+    _CLASS_HOOKS.update(attach=attach, detach=detach)
+
+
 def attach_state(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
     """Make ``state`` the graph's state (in place), kept through ``copy.deepcopy`` and pickling of ``gm``."""
     gm.meta[META_KEY] = state
     setattr(gm, _STATE_ATTRIBUTE, state)
     gm.meta.setdefault(_PRESERVED, {})[_STATE_ATTRIBUTE] = state
+    if "attach" in _CLASS_HOOKS:
+        _CLASS_HOOKS["attach"](gm)
 
 
 def detach_state(gm: torch.fx.GraphModule) -> None:
@@ -62,6 +77,8 @@ def detach_state(gm: torch.fx.GraphModule) -> None:
     preserved.pop(_STATE_ATTRIBUTE, None)
     if not preserved:
         gm.meta.pop(_PRESERVED, None)
+    if "detach" in _CLASS_HOOKS:
+        _CLASS_HOOKS["detach"](gm)
 
 
 def get_state(gm: torch.fx.GraphModule) -> LNTuneState:

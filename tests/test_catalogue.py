@@ -390,6 +390,13 @@ ROWS = [
         subject="gpt2",
     ),
     Row(
+        "transform-tuned-graph",
+        "lntune_transform(gm, LNTuningConfig())",
+        lambda c: fl.lntune_transform(c.gm, fl.LNTuningConfig()),
+        S,
+        "this graph is already tuned",
+    ),
+    Row(
         "onnx-kv-cache-encoder-only",
         "export_onnx(gm_of_bert_classifier, 'm.onnx', inputs, kv_cache=True)",
         lambda c: fl.export_onnx(c.gm, "m.onnx", c.inputs, kv_cache=True),

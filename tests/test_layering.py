@@ -48,7 +48,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("outputs: persistence, deploy, visualize", ("fx_lntune.persistence", "fx_lntune.deploy", "fx_lntune.visualize")),
-    ("front: the package and the CLI", ("fx_lntune.cli", "fx_lntune")),
+    ("front: the package, the graph's PEFT methods, the CLI", ("fx_lntune.cli", "fx_lntune.methods", "fx_lntune")),
 ]
 
 # Function-level imports of our own modules allowed (module -> imported module), each needing a comment in the
