@@ -262,3 +262,29 @@ def test_adapter_checkpoints_load_a_whole_state_dict_checkpoint_and_refuse_a_pla
     with pytest.raises(fl.LNTuneStateError, match="made by fx_lntune.lntune_transform"):
         fl.adapter_checkpoints(trainer)
     assert trainer.__dict__ == methods
+
+
+def test_adapter_checkpoints_keep_every_adapter_as_save_pretrained_lays_them_out(tmp_path):
+    _, gm = captured("llama")
+    fl.add_adapter(gm, "second", fl.LNTuningConfig(target_modules=["norm"]))
+    with torch.no_grad():
+        gm.get_submodule("model.norm.ln_tuning_layers.second").weight.mul_(3.0)
+    _tuned_trainer(gm, tmp_path, 2, save_steps=2).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert sorted(os.listdir(checkpoint / "second")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert "model.safetensors" not in os.listdir(checkpoint)
+
+    _, fresh = captured("llama")
+    fl.add_adapter(fresh, "second", fl.LNTuningConfig(target_modules=["norm"]))
+    _tuned_trainer(fresh, tmp_path, 2, save_steps=2).train(resume_from_checkpoint=str(checkpoint))
+    expected = _trained_adapter(gm)
+    assert {name for name in expected if ".second." in name} == {"model.norm.ln_tuning_layers.second.weight"}
+    assert all(torch.equal(value, expected[name]) for name, value in _trained_adapter(fresh).items())
+    assert fl.active_adapter(fresh) == "default"
+
+    _, lacking = captured("llama")
+    trainer = _tuned_trainer(lacking, tmp_path, 2, save_steps=2)
+    before = _trained_adapter(lacking)
+    with pytest.raises(fl.LNTuneStateError, match=r"holds adapters \['second'\] that this graph lacks"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(value, before[name]) for name, value in _trained_adapter(lacking).items())
