@@ -39,6 +39,7 @@ from fx_lntune.layer_graphs import chunked_loss, gradient_checkpointing, layer_m
 from fx_lntune.materialize import materialize
 from fx_lntune.methods import TunedGraphModule
 from fx_lntune.persistence import apply_to_model, load_adapter, save_adapter
+from fx_lntune.trainer import adapter_checkpoints
 from fx_lntune.visualize import visualize_graph
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "apply_to_model",
+    "adapter_checkpoints",
     "visualize_graph",
     "materialize",
     "layer_modules",

@@ -41,6 +41,7 @@ __all__ = [
     "CARD_NAME",
     "save_adapter",
     "load_adapter",
+    "load_adapter_weights",
     "apply_to_model",
 ]
 
@@ -172,6 +173,36 @@ def load_adapter(
         raise
 
 
+def load_adapter_weights(
+    gm: torch.fx.GraphModule, directory: str | os.PathLike, adapter_name: str | None = None
+) -> None:
+    """Copy the weights saved in ``directory`` into the existing adapter ``adapter_name`` (default: the active one).
+
+    In place: the adapter's tensors keep their identity (an optimizer holding them stays valid) and get the file's
+    values, cast to their own dtype and device, as ``PeftModel.load_adapter`` does for an adapter name it has
+    already. The adapter's config, trainability and the active adapter do not change. This is how a ``Trainer``
+    checkpoint (`fx_lntune.trainer.adapter_checkpoints`) is loaded back.
+
+    Everything is checked before a tensor is written; on any error the graph is unchanged.
+
+    Raises:
+        LNTuneAdapterError: no adapter ``adapter_name``.
+        LNTuneStateError: a file is missing or corrupt, the config is not LN tuning, or the weights are not exactly
+            this adapter's (keys, shapes, kind of dtype): the file was saved from another adapter or model.
+    """
+    state = get_state(gm)
+    adapter_name = state.active_adapter if adapter_name is None else adapter_name
+    check_adapter_exists(state, adapter_name)
+    directory = Path(directory)
+    _read_config(directory / CONFIG_NAME)
+    tensors = _read_weights(directory / WEIGHTS_NAME)
+    slots = dict(_adapter_tensors(gm, adapter_name, keep_vars=True))
+    _check_weights(directory / WEIGHTS_NAME, tensors, slots)
+    with torch.no_grad():
+        for key, slot in slots.items():
+            slot.copy_(tensors[key])
+
+
 def apply_to_model(gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str | None = None) -> None:
     """Write adapter ``adapter_name``'s weights (default: the active adapter) into ``model``, in place.
 
@@ -230,9 +261,11 @@ def _adapter_holders(gm: torch.fx.GraphModule, adapter_name: str) -> Iterator[tu
             yield path, module, module.copies[adapter_name]
 
 
-def _adapter_tensors(gm: torch.fx.GraphModule, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _adapter_tensors(
+    gm: torch.fx.GraphModule, adapter_name: str, *, keep_vars: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     for path, module, holder in _adapter_holders(gm, adapter_name):
-        for key, value in holder.state_dict().items():
+        for key, value in holder.state_dict(keep_vars=keep_vars).items():
             yield _file_prefix(path, module) + key, value
 
 

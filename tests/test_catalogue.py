@@ -403,6 +403,13 @@ ROWS = [
         fl.LNTuneExportError,
         "kv_cache=True writes a decoder with past for a causal LM",
     ),
+    Row(
+        "adapter-checkpoints-not-a-trainer",
+        "adapter_checkpoints(gm)",
+        lambda c: fl.adapter_checkpoints(c.gm),
+        S,
+        "adapter_checkpoints takes a transformers.Trainer",
+    ),
 ]
 
 

@@ -47,7 +47,10 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "fx_lntune.generation",
         ),
     ),
-    ("outputs: persistence, deploy, visualize", ("fx_lntune.persistence", "fx_lntune.deploy", "fx_lntune.visualize")),
+    (
+        "outputs: persistence, Trainer checkpoints, deploy, visualize",
+        ("fx_lntune.persistence", "fx_lntune.trainer", "fx_lntune.deploy", "fx_lntune.visualize"),
+    ),
     ("front: the package, the graph's PEFT methods, the CLI", ("fx_lntune.cli", "fx_lntune.methods", "fx_lntune")),
 ]
 

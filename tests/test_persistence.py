@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ from models import make_inputs, make_model
 from test_adapters import PREFIX, _assert_unchanged, _outputs, _perturb, _snapshot
 
 import fx_lntune as fl
-from fx_lntune.persistence import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from fx_lntune.persistence import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights
 from fx_lntune.state import get_state
 
 ARCHS = ["llama", "gpt2", "bart", "t5"]
@@ -550,3 +551,36 @@ def test_module_both_tuned_and_saved_is_refused_before_anything_changes(tmp_path
     with pytest.raises(fl.LNTuneStateError, match=r"adapter_config\.json does not fit.*'classifier'"):
         fl.load_adapter(gm, tmp_path, "both")
     _assert_unchanged(gm, before)
+
+
+def test_load_adapter_weights_overwrites_the_adapter_in_place(tmp_path):
+    directory = _saved(tmp_path)  # the perturbed default adapter of a llama
+    _, saved = _perturbed("llama")
+    _, gm = captured("llama")
+    params = {name: param for name, param in gm.named_parameters() if param.requires_grad}
+    load_adapter_weights(gm, directory)
+    assert all(param is dict(gm.named_parameters())[name] for name, param in params.items())
+    assert fl.list_adapters(gm) == ["default"] and all(param.requires_grad for param in params.values())
+    expected = saved.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in gm.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda tensors: tensors.pop(sorted(tensors)[0]), "lacks 1 tensor"),
+        (lambda tensors: tensors.update(extra=torch.zeros(1)), "no place for"),
+        (lambda tensors: tensors.update({sorted(tensors)[0]: torch.zeros(3)}), "has shape (3,)"),
+    ],
+    ids=["missing", "unknown", "shape"],
+)
+def test_load_adapter_weights_refuses_another_adapter_and_changes_nothing(change, message, tmp_path):
+    directory = _saved(tmp_path)
+    _retensor(directory, change)
+    _, gm = captured("llama")
+    before = _snapshot(gm)
+    with pytest.raises(fl.LNTuneStateError, match=re.escape(message)):
+        load_adapter_weights(gm, directory)
+    _assert_unchanged(gm, before)
+    with pytest.raises(fl.LNTuneAdapterError):
+        load_adapter_weights(gm, directory, "other")
