@@ -25,6 +25,7 @@ __all__ = [
     "model_loss",
     "check_labels",
     "model_output",
+    "scatter_image_features",
     "GRAPH_FUNCTIONS",
 ]
 
@@ -190,6 +191,28 @@ def model_output(output_class: str, **fields: Any) -> Any:
 
 
 # Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
+def scatter_image_features(
+    inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
+) -> torch.Tensor:
+    """``inputs_embeds`` with the rows of ``image_features`` (all images' tokens, one per row) written where
+    ``image_mask`` (the image-token positions, broadcast over the hidden dim) is set, in order: the merge of a
+    llava-style model, checked for a feature count that fits the tokens at run time (the model's own check is
+    dropped from the graph because export fixed it to the capture's image count).
+
+    Raises:
+        LNTuneTraceError: the number of image tokens in ``input_ids`` does not match the images' features.
+    """
+    hidden = inputs_embeds.shape[-1]
+    needed = int(image_mask.sum()) * hidden // image_mask.shape[-1]  # the mask may be (..., 1) or (..., hidden)
+    if needed != image_features.numel():
+        raise LNTuneTraceError(
+            f"input_ids hold {needed // hidden} image tokens but pixel_values give {image_features.numel() // hidden} "
+            "image feature vectors; put each image's tokens in the prompt (the processor does) or pass the "
+            "images that go with them."
+        )
+    return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
+
+
 GRAPH_FUNCTIONS = (
     default_mask,
     default_token_type_ids,
@@ -197,4 +220,5 @@ GRAPH_FUNCTIONS = (
     default_decoder_input_ids,
     model_loss,
     model_output,
+    scatter_image_features,
 )
