@@ -161,6 +161,13 @@ def _takes_images(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None and image_token(config) is not None
 
 
+def _without_image_features(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` without ``mm_encoder_outputs``: transformers >= 5 then hands the prefill ``pixel_values`` to
+    the forward (for the image step graph) instead of encoding the images eagerly with the model's own code."""
+    parameters = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
+    return signature.replace(parameters=parameters)
+
+
 def _signature(gm: torch.fx.GraphModule) -> tuple:
     """What the shell and step graphs hold of ``gm``: its dispatch modules (which route to adapters themselves,
     so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device."""
@@ -211,7 +218,7 @@ class Decoder:
         self.cache_name = cache_name(self.shell)
         self.graphs: dict[str, torch.fx.GraphModule] = {}
         self.layout = self._probe_layout()
-        self._forward_signature = inspect.signature(self.shell.forward)
+        self._forward_signature = _without_image_features(inspect.signature(self.shell.forward))
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any, kwargs: dict

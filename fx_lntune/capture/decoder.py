@@ -259,7 +259,9 @@ def capture_image_step(shell: nn.Module, layout: CacheLayout, *, positions: bool
         "input_ids": {0: dyn, 1: dyn},
         "attention_mask": {0: dyn, 1: dyn},
         "past": tuple({0: dyn, 2: dyn} for _ in past),
-        "pixel_values": {0: dyn},
+        # AUTO: export unrolls `list(image_features)` at the example's count (free_image_count undoes it) and would
+        # refuse a DYNAMIC dim for that; the dim stays symbolic everywhere else.
+        "pixel_values": {0: torch.export.Dim.AUTO},
         "position_ids": {0: dyn, 1: dyn},
     }
     if positions:
