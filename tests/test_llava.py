@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import captured
-from models import LLAVA_IMAGE_TOKEN_ID, make_config, make_inputs, perturb_adapter
+from models import LLAVA_IMAGE_TOKEN_ID, make_config, perturb_adapter
 
 import fx_lntune as fl
 from fx_lntune.generation import decoder_for

@@ -224,7 +224,9 @@ def image_token(config: Any) -> int | None:
     return _image_token(config)
 
 
-def capture_image_step(shell: nn.Module, layout: CacheLayout, *, positions: bool, class_name: str) -> torch.fx.GraphModule:
+def capture_image_step(
+    shell: nn.Module, layout: CacheLayout, *, positions: bool, class_name: str
+) -> torch.fx.GraphModule:
     """The prefill step of a llava-style model, which also takes the images::
 
         step(input_ids, attention_mask, past, pixel_values, position_ids=None) -> (logits, *present)
