@@ -17,8 +17,9 @@ from fx_lntune.generation import decoder_for
 
 pytestmark = pytest.mark.skipif(
     int(transformers.__version__.split(".")[0]) < 5,
-    reason="torch.export cannot capture llava under transformers 4.x: LlavaModel.get_placeholder_mask compares the "
-    "image-token count with the feature count in a Python `if` (data-dependent), which export refuses",
+    reason="torch.export cannot capture llava under transformers 4.x: its LlavaModel.get_placeholder_mask checks "
+    "`inputs_embeds[special_image_mask].numel() != image_features.numel()` in a Python `if`, a size that depends "
+    "on the data, which export refuses (README coverage table)",
 )
 
 _CONFIG = make_config("llava")
