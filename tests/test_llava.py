@@ -175,3 +175,13 @@ def test_generate_reads_the_images_in_the_prefill_only():
 def _counting(forward, name, calls, *args):
     calls.append(name)
     return forward(*args)
+
+
+def test_image_count_pass_rewrites_the_merge_only():
+    """`free_image_count` finds nothing to change in a text model's graph, nor in a llava graph it already freed."""
+    from fx_lntune.passes import free_image_count
+
+    for arch in ("llama", "llava"):
+        _, gm = captured(arch)
+        code = gm.code
+        assert not free_image_count(gm).modified and gm.code == code
