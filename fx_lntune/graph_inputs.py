@@ -190,7 +190,6 @@ def model_output(output_class: str, **fields: Any) -> Any:
     return resolve(output_class)(**fields)
 
 
-# Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
 def scatter_image_features(
     inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
 ) -> torch.Tensor:
@@ -202,6 +201,9 @@ def scatter_image_features(
     Raises:
         LNTuneTraceError: the number of image tokens in ``input_ids`` does not match the images' features.
     """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        # A count read from the data cannot be traced; the traced program then checks nothing, as masked_scatter.
+        return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
     hidden = inputs_embeds.shape[-1]
     needed = int(image_mask.sum()) * hidden // image_mask.shape[-1]  # the mask may be (..., 1) or (..., hidden)
     if needed != image_features.numel():
@@ -213,6 +215,7 @@ def scatter_image_features(
     return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
 
 
+# Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
 GRAPH_FUNCTIONS = (
     default_mask,
     default_token_type_ids,
