@@ -26,6 +26,7 @@ __all__ = [
     "check_labels",
     "model_output",
     "scatter_image_features",
+    "image_list",
     "GRAPH_FUNCTIONS",
 ]
 
@@ -215,6 +216,12 @@ def scatter_image_features(
     return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
 
 
+def image_list(image_features: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's features, ``list(image_features)`` over dim 0: the per-image list a llava model returns, as
+    long as the image count at run time (a graph's own ``list`` call cannot be traced again)."""
+    return list(image_features.unbind(0))
+
+
 # Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
 GRAPH_FUNCTIONS = (
     default_mask,
@@ -224,4 +231,5 @@ GRAPH_FUNCTIONS = (
     model_loss,
     model_output,
     scatter_image_features,
+    image_list,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import pickle
 
 import peft
 import pytest
@@ -79,6 +80,14 @@ def test_graph_takes_any_number_of_images(images_per_row):
     features = ours.image_outputs.pooler_output
     assert len(features) == sum(images_per_row) == len(expected.image_outputs.pooler_output)
     torch.testing.assert_close(torch.stack(features), torch.stack(expected.image_outputs.pooler_output))
+
+
+def test_pickled_graph_takes_any_number_of_images():
+    """Unpickling traces the graph's code again: the merge and the per-image list stay run-time counts."""
+    model, gm = captured("llava")
+    inputs = _prompts([2, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(gm))(**inputs).logits, model(**inputs).logits)
 
 
 def test_image_tokens_and_images_that_do_not_match_are_refused():

@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from fx_lntune.graph_inputs import scatter_image_features
+from fx_lntune.graph_inputs import image_list, scatter_image_features
 
 __all__ = ["free_image_count"]
 
@@ -33,7 +33,7 @@ def free_image_count(gm: torch.fx.GraphModule) -> PassResult:
         merged = flatten(features, 0, 1)                                     # the same rows, any count
         scatter_image_features(embeds, image_mask, merged)                  # checks the count at run time
 
-    and the per-image list the model also returns (``image_outputs.pooler_output``) is ``list(unbind(features))``.
+    and the per-image list the model also returns (``image_outputs.pooler_output``) is ``image_list(features)``.
 
     A graph without such a merge is left as it is. Run with ``cleanup=True`` to drop the dead check nodes.
     """
@@ -106,7 +106,7 @@ def _list_images(graph: torch.fx.Graph, parts: list[torch.fx.Node]) -> None:
     node that lists the images at run time, then erase the unrolled items."""
     unbind = parts[0].args[0]
     with graph.inserting_after(unbind):
-        images = graph.call_function(list, (unbind,))
+        images = graph.call_function(image_list, (unbind.args[0],))
 
     def substitute(value):
         if isinstance(value, (list, tuple)) and list(value) == parts:
