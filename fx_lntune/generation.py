@@ -29,9 +29,11 @@ from fx_lntune.capture.decoder import (
     GENERATION_KEY,
     CacheLayout,
     cache_name,
+    capture_image_step,
     capture_step,
     causal_step,
     encoder_forward,
+    image_token,
     model_shell,
     read_cache,
     seq2seq_step,
@@ -106,7 +108,7 @@ def generate(
             encoded.setdefault("attention_mask", attention_mask)
         input_ids, attention_mask = encoded.pop("input_ids", None), encoded.pop("attention_mask", None)
         kwargs = {**encoded, **kwargs}
-    _check_arguments(kwargs, encoder_decoder=bool(gm.config.is_encoder_decoder))
+    _check_arguments(kwargs, encoder_decoder=bool(gm.config.is_encoder_decoder), images=_takes_images(gm.config))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise LNTuneGenerationError(
             f"generate needs input_ids, a 2-D tensor of token ids (batch, sequence); got "
@@ -146,11 +148,24 @@ def _check_can_generate(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
             "supports decoder-only and text encoder-decoder models (input_ids). Use apply_to_model and the model's "
             "own generate."
         )
-    if getattr(config, "vision_config", None) is not None:
+    if getattr(config, "vision_config", None) is not None and not _takes_images(config):
         raise LNTuneGenerationError(
-            f"{what} is a multimodal model; fx_lntune.generate supports text models only. Use apply_to_model and "
-            "the model's own generate."
+            f"{what} is a multimodal model without an image token; fx_lntune.generate supports text models and "
+            "llava-style models (image tokens in input_ids, pixel_values). Use apply_to_model and the model's own "
+            "generate."
         )
+
+
+def _takes_images(config: Any) -> bool:
+    """A llava-style model: image features replace image tokens of ``input_ids`` in the prompt."""
+    return getattr(config, "vision_config", None) is not None and image_token(config) is not None
+
+
+def _without_image_features(signature: inspect.Signature) -> inspect.Signature:
+    """``signature`` without ``mm_encoder_outputs``: transformers >= 5 then hands the prefill ``pixel_values`` to
+    the forward (for the image step graph) instead of encoding the images eagerly with the model's own code."""
+    parameters = [p for name, p in signature.parameters.items() if name != "mm_encoder_outputs"]
+    return signature.replace(parameters=parameters)
 
 
 def _signature(gm: torch.fx.GraphModule) -> tuple:
@@ -166,7 +181,7 @@ def _signature(gm: torch.fx.GraphModule) -> tuple:
     return tuple((path, id(module)) for path, module in dispatch.items()), tensors
 
 
-def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool) -> None:
+def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images: bool = False) -> None:
     from transformers import GenerationConfig
 
     for name, reason in _REFUSED.items():
@@ -175,6 +190,8 @@ def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool) -> Non
     known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS | set(_REFUSED)
     if encoder_decoder:
         known.add("decoder_input_ids")
+    if images:
+        known.add("pixel_values")
     unknown = [name for name in kwargs if name not in known]
     if unknown:
         hints = {name: difflib.get_close_matches(name, sorted(known), n=1) for name in unknown}
@@ -201,7 +218,7 @@ class Decoder:
         self.cache_name = cache_name(self.shell)
         self.graphs: dict[str, torch.fx.GraphModule] = {}
         self.layout = self._probe_layout()
-        self._forward_signature = inspect.signature(self.shell.forward)
+        self._forward_signature = _without_image_features(inspect.signature(self.shell.forward))
 
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any, kwargs: dict
@@ -260,6 +277,9 @@ class Decoder:
     def _capture(self, name: str) -> torch.fx.GraphModule:
         shell, layout, dyn = self.shell, self.layout, torch.export.Dim.DYNAMIC
         device = shell.device
+        class_name = type(shell).__name__ + "".join(part.title() for part in name.split("_"))
+        if name in ("step_images", "step_images_positions"):
+            return capture_image_step(shell, layout, positions=name.endswith("positions"), class_name=class_name)
         batch, sequence, past_length = 2, 3, 4
         ids = torch.full((batch, sequence), 3, dtype=torch.long, device=device)
         past = tuple(
@@ -268,7 +288,6 @@ class Decoder:
             for _ in range(2)
         )
         past_dims = tuple({0: dyn, 2: dyn} for _ in past)
-        class_name = type(shell).__name__ + "".join(part.title() for part in name.split("_"))
         if name in ("step", "step_positions"):
             mask = torch.ones(batch, past_length + sequence, dtype=torch.long, device=device)
             args = (ids, mask, past)
@@ -347,7 +366,11 @@ class Decoder:
         if mask is None:
             mask = torch.ones(ids.shape[0], past_length + ids.shape[1], dtype=torch.long, device=ids.device)
         past = past or self.layout.empty_past(ids.shape[0], ids.device)
-        if positions is None:
+        pixels = kwargs.get("pixel_values")  # the prefill's images; transformers drops them from later steps
+        if pixels is not None:
+            step = self.graph("step_images" if positions is None else "step_images_positions")
+            outputs = step(ids, mask, past, pixels, *(() if positions is None else (positions,)))
+        elif positions is None:
             outputs = self.graph("step")(ids, mask, past)
         else:
             outputs = self.graph("step_positions")(ids, mask, past, positions)

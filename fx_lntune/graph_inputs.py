@@ -25,6 +25,8 @@ __all__ = [
     "model_loss",
     "check_labels",
     "model_output",
+    "scatter_image_features",
+    "image_list",
     "GRAPH_FUNCTIONS",
 ]
 
@@ -189,6 +191,37 @@ def model_output(output_class: str, **fields: Any) -> Any:
     return resolve(output_class)(**fields)
 
 
+def scatter_image_features(
+    inputs_embeds: torch.Tensor, image_mask: torch.Tensor, image_features: torch.Tensor
+) -> torch.Tensor:
+    """``inputs_embeds`` with the rows of ``image_features`` (all images' tokens, one per row) written where
+    ``image_mask`` (the image-token positions, broadcast over the hidden dim) is set, in order: the merge of a
+    llava-style model, checked for a feature count that fits the tokens at run time (the model's own check is
+    dropped from the graph because export fixed it to the capture's image count).
+
+    Raises:
+        LNTuneTraceError: the number of image tokens in ``input_ids`` does not match the images' features.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        # A count read from the data cannot be traced; the traced program then checks nothing, as masked_scatter.
+        return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
+    hidden = inputs_embeds.shape[-1]
+    needed = int(image_mask.sum()) * hidden // image_mask.shape[-1]  # the mask may be (..., 1) or (..., hidden)
+    if needed != image_features.numel():
+        raise LNTuneTraceError(
+            f"input_ids hold {needed // hidden} image tokens but pixel_values give {image_features.numel() // hidden} "
+            "image feature vectors; put each image's tokens in the prompt (the processor does) or pass the "
+            "images that go with them."
+        )
+    return inputs_embeds.masked_scatter(image_mask, image_features.to(inputs_embeds.dtype))
+
+
+def image_list(image_features: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's features, ``list(image_features)`` over dim 0: the per-image list a llava model returns, as
+    long as the image count at run time (a graph's own ``list`` call cannot be traced again)."""
+    return list(image_features.unbind(0))
+
+
 # Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
 GRAPH_FUNCTIONS = (
     default_mask,
@@ -197,4 +230,6 @@ GRAPH_FUNCTIONS = (
     default_decoder_input_ids,
     model_loss,
     model_output,
+    scatter_image_features,
+    image_list,
 )

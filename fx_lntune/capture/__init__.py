@@ -25,6 +25,7 @@ from fx_lntune.capture.layers import find_layers
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.inputs import InputPlan
 from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.image_count import free_image_count
 from fx_lntune.passes.keyword_inputs import keyword_inputs, model_output_in_graph
 from fx_lntune.passes.model_loss import add_model_loss
 from fx_lntune.passes.split_layers import split_layers
@@ -59,6 +60,7 @@ def capture(
     gm, used = _capture_flat(model, leaves, example_inputs, tracer, spare)
     if plan is not None:
         _apply_plan(gm, plan)
+    run_pass(free_image_count, gm, cleanup=True)
     return run_pass(split_layers, gm, layers=find_layers(model)), used
 
 

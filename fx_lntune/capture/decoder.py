@@ -29,10 +29,12 @@ import torch.nn as nn
 
 from fx_lntune.capture._build import build_graph_module
 from fx_lntune.errors import LNTuneGenerationError
+from fx_lntune.inputs import _image_size, _image_token
 from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
+from fx_lntune.passes.image_count import free_image_count
 from fx_lntune.state import LNTuneState, dispatch_modules
 
 __all__ = [
@@ -44,6 +46,8 @@ __all__ = [
     "read_cache",
     "write_cache",
     "causal_step",
+    "image_token",
+    "capture_image_step",
     "encoder_forward",
     "seq2seq_step",
     "DecoderWithPast",
@@ -200,9 +204,10 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
     name = cache_name(shell)
     extra = _logits_kwargs(shell, last_only)
 
-    def step(model, input_ids, attention_mask, past, position_ids=None):
+    def step(model, input_ids, attention_mask, past, position_ids=None, **model_inputs):
         cache = _new_cache(past, None, encoder_decoder=False)
         inputs = {"position_ids": position_ids} if position_ids is not None else {}
+        inputs.update(model_inputs)  # the prefill's images (`capture_image_step`)
         out = forward(
             model, input_ids=input_ids, attention_mask=attention_mask, use_cache=True, return_dict=True,
             **{name: cache}, **inputs, **extra,
@@ -211,6 +216,60 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
         return (out["logits"], *present)
 
     return step
+
+
+def image_token(config: Any) -> int | None:
+    """The token id a llava-style model replaces by image features (``config.image_token_id`` or
+    ``image_token_index``), or None for a model without one."""
+    return _image_token(config)
+
+
+def capture_image_step(
+    shell: nn.Module, layout: CacheLayout, *, positions: bool, class_name: str
+) -> torch.fx.GraphModule:
+    """The prefill step of a llava-style model, which also takes the images::
+
+        step(input_ids, attention_mask, past, pixel_values, position_ids=None) -> (logits, *present)
+
+    ``input_ids`` hold one run of image tokens per image (``config.image_seq_length`` each); the batch, sequence,
+    past length and image count are dynamic (captured with three images over two rows, so that the image count
+    is not tied to the batch), and the merge of image features into the embeddings is freed from the capture's
+    image count by `passes.image_count.free_image_count`. Later steps are text only (`causal_step`).
+    """
+    config, device, dyn = shell.config, shell.device, torch.export.Dim.DYNAMIC
+    token, per_image = image_token(config), int(config.image_seq_length)
+    vision = config.vision_config
+    height, width = _image_size(vision, "pixel_values")
+    batch, past_length, text = 2, 4, 2
+    ids = torch.full((batch, 2 * per_image + text), 3, dtype=torch.long, device=device)
+    ids[0, : 2 * per_image] = token  # row 0: two images, row 1: one image
+    ids[1, :per_image] = token
+    mask = torch.ones(batch, past_length + ids.shape[1], dtype=torch.long, device=device)
+    past = tuple(
+        torch.zeros(batch, heads, past_length, dim, dtype=layout.dtype, device=device)
+        for heads, dim in layout.self_attention
+        for _ in range(2)
+    )
+    pixels = torch.zeros(3, getattr(vision, "num_channels", 3), height, width, dtype=layout.dtype, device=device)
+    step = causal_step(shell, last_only=True)
+
+    def image_step(model, input_ids, attention_mask, past, pixel_values, position_ids=None):
+        return step(model, input_ids, attention_mask, past, position_ids, pixel_values=pixel_values)
+
+    args = (ids, mask, past, pixels)
+    dynamic = {
+        "input_ids": {0: dyn, 1: dyn},
+        "attention_mask": {0: dyn, 1: dyn},
+        "past": tuple({0: dyn, 2: dyn} for _ in past),
+        # AUTO: export unrolls `list(image_features)` at the example's count (free_image_count undoes it) and would
+        # refuse a DYNAMIC dim for that; the dim stays symbolic everywhere else.
+        "pixel_values": {0: torch.export.Dim.AUTO},
+        "position_ids": {0: dyn, 1: dyn},
+    }
+    if positions:
+        args += (torch.arange(past_length, mask.shape[1], device=device).expand(batch, -1),)
+    gm = capture_step(shell, image_step, args, dynamic, class_name)
+    return run_pass(free_image_count, gm, cleanup=True)
 
 
 def encoder_forward(shell: nn.Module) -> Callable[..., torch.Tensor]:
