@@ -398,6 +398,15 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def write_results(rows: list[dict], out: Path) -> None:
+    """quality.json (rows and summary) and quality.csv, rewritten whole."""
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
+    with open(out / "quality.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns(), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
@@ -432,11 +441,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row = run_one(task, method, lr, seed, steps, args.batch_size, memory)
                     print(f"{task.name:22} {method:14} lr {lr:<7g} seed {seed}: metric {row['metric']:.3f}", flush=True)
                     rows.append(row)
-    (out / "quality.json").write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
-    with open(out / "quality.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+                    write_results(rows, out)  # after every row: a long sweep stopped early keeps what it measured
     print()
     print_table(summary(rows))
     if not args.no_plots:
