@@ -311,53 +311,34 @@ def inference_rows(case: Case, pairs: int, compile_backend: str | None) -> list[
 
 def transform_row(case: Case, runs: int = 3) -> Row:
     def ours() -> None:
-        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs, cache=False)
+        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
 
     def theirs() -> None:
         peft.get_peft_model(copy.deepcopy(case.model), copy.deepcopy(case.peft_config))
 
     times = interleaved({"ours": ours, "peft": theirs}, runs, warmup=0)
-    label, value, detail, _ = ratio_row(
-        f"{case.name}: lntune_transform (cold) / get_peft_model", times, "ours", "peft", ""
-    )
+    label, value, detail, _ = ratio_row(f"{case.name}: lntune_transform / get_peft_model", times, "ours", "peft", "")
     return label, value, detail + " (PEFT's includes a deepcopy of the model)", "none (capture is a one-off)"
 
 
 def capture_rows(case: Case, runs: int = 3) -> list[Row]:
-    """Cold capture (cache off) against a warm one (loaded from a fresh on-disk capture cache) and against a bare
-    ``torch.export.export`` of the same model with the same inputs and dynamic dims, interleaved."""
+    """A capture against a bare ``torch.export.export`` of the same model with the same inputs and dynamic dims,
+    interleaved."""
     from fx_lntune.capture._build import capture_mode
     from fx_lntune.inputs import dynamic_shapes_for
 
-    previous = os.environ.get("FX_LNTUNE_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as directory:
-        os.environ["FX_LNTUNE_CACHE_DIR"] = directory
-        try:
-            fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)  # writes the entry
+    def ours() -> None:
+        fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
 
-            def cold() -> None:
-                fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs, cache=False)
+    def bare() -> None:  # with the KV cache off and in training mode, as ours captures
+        with capture_mode(case.model, training=True):
+            torch.export.export(
+                case.model, (), dict(case.inputs), strict=False, dynamic_shapes=dynamic_shapes_for(case.inputs)
+            )
 
-            def warm() -> None:
-                fl.lntune_transform(case.model, fl.LNTuningConfig(), example_inputs=case.inputs)
-
-            def bare() -> None:  # with the KV cache off and in training mode, as ours captures
-                with capture_mode(case.model, training=True):
-                    torch.export.export(
-                        case.model, (), dict(case.inputs), strict=False, dynamic_shapes=dynamic_shapes_for(case.inputs)
-                    )
-
-            # CPU time: a capture is single-threaded Python, and wall time on a loaded machine is mostly waiting.
-            times = interleaved({"cold": cold, "warm": warm, "export": bare}, runs, warmup=1, clock=time.process_time)
-        finally:
-            if previous is None:
-                os.environ.pop("FX_LNTUNE_CACHE_DIR", None)
-            else:
-                os.environ["FX_LNTUNE_CACHE_DIR"] = previous
-    return [
-        ratio_row(f"{case.name}: lntune_transform warm (capture cache) / cold, CPU", times, "warm", "cold", "<= 0.25"),
-        ratio_row(f"{case.name}: lntune_transform cold / bare torch.export, CPU", times, "cold", "export", "<= 1.00"),
-    ]
+    # CPU time: a capture is single-threaded Python, and wall time on a loaded machine is mostly waiting.
+    times = interleaved({"ours": ours, "export": bare}, runs, warmup=1, clock=time.process_time)
+    return [ratio_row(f"{case.name}: lntune_transform / bare torch.export, CPU", times, "ours", "export", "<= 1.00")]
 
 
 def smollm2_capture_rows() -> list[Row]:
@@ -397,7 +378,6 @@ _META_CODE = """
 import json, statistics, sys, time, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 import fx_lntune as fl
-from fx_lntune.capture import cache
 from fx_lntune.capture._build import capture_mode
 from fx_lntune.inputs import default_input_names, dynamic_shapes_for, make_dummy_inputs
 with torch.device("meta"):
@@ -423,55 +403,38 @@ if sys.argv[2] == "export":  # a bare torch.export of the same model and inputs,
         torch.export.export(model, (), inputs, strict=False, dynamic_shapes=dynamic_shapes_for(inputs))
     export_cpu = time.process_time() - export_cpu
 print(json.dumps(dict(wall=wall, cpu=cpu, rss_mb=peak_rss_mb(), rss_before_mb=rss_before, nodes=len(gm.graph.nodes),
-                      set_adapter_ms=1000 * statistics.median(switches), cache=dict(cache.STATS),
-                      export_cpu=export_cpu)))
+                      set_adapter_ms=1000 * statistics.median(switches), export_cpu=export_cpu)))
 """
 
 
-def _meta_run(config: dict, cache_dir: str, mode: str) -> dict:
-    env = {**os.environ, "FX_LNTUNE_CACHE_DIR": cache_dir}
+def _meta_run(config: dict, mode: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", _META_CODE, json.dumps(config), mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
+        [sys.executable, "-c", _META_CODE, json.dumps(config), mode], capture_output=True, text=True, check=True
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def meta_rows(name: str, config: dict, target_s: float, bare_export: bool = False) -> list[Row]:
-    """``lntune_transform`` of a Llama built on ``meta`` from ``config``, each in a fresh process: cold (a fresh
-    capture cache, which it fills; with ``bare_export``, then a bare ``torch.export`` of the same model in the same
-    process), then warm (a new process loading the entry)."""
-    with tempfile.TemporaryDirectory() as directory:
-        meta = _meta_run(config, directory, "export" if bare_export else "")
-        warm = _meta_run(config, directory, "")
+    """``lntune_transform`` of a Llama built on ``meta`` from ``config`` in a fresh process (with ``bare_export``,
+    then a bare ``torch.export`` of the same model in the same process)."""
+    meta = _meta_run(config, "export" if bare_export else "")
     detail = (
         f"CPU {meta['cpu']:.1f} s; peak RSS {meta['rss_mb']:.0f} MB ({meta['rss_before_mb']:.0f} MB before); "
         f"{meta['nodes']} nodes"
     )
-    hit = "hit" if warm["cache"].get("hits") else f"NOT a hit: {warm['cache']}"
     rows = [
         (
-            f"lntune_transform, {name} llama on meta, cold (wall s)",
+            f"lntune_transform, {name} llama on meta (wall s)",
             f"{meta['wall']:.1f}",
             detail,
             f"< {target_s:.0f} s, < 1 GB",
-        ),
-        (
-            f"lntune_transform, {name} llama on meta, warm: capture cache (wall s)",
-            f"{warm['wall']:.1f}",
-            f"CPU {warm['cpu']:.2f} s ({warm['cpu'] / meta['cpu']:.3f} of cold); peak RSS {warm['rss_mb']:.0f} MB; "
-            f"cache {hit}",
-            "< 2 s" if name == "7B" else "",
         ),
         (f"set_adapter on the {name} graph (ms)", f"{meta['set_adapter_ms']:.2f}", "median of 50", "< 5 ms"),
     ]
     if bare_export:
         rows.append(
             (
-                f"lntune_transform cold / bare torch.export, {name} llama on meta (CPU)",
+                f"lntune_transform / bare torch.export, {name} llama on meta (CPU)",
                 f"{meta['cpu'] / meta['export_cpu']:.3f}",
                 f"{meta['cpu']:.1f} s vs {meta['export_cpu']:.1f} s, one process (ours first, paying the warm-up)",
                 "<= 1.00",
@@ -596,9 +559,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
-    # Captures of this run go to a capture cache of its own (never the user's ~/.cache/fx-lntune).
-    run_cache = tempfile.TemporaryDirectory(prefix="fx-lntune-bench-cache-")
-    os.environ["FX_LNTUNE_CACHE_DIR"] = run_cache.name
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []

@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from fx_lntune.adapters import add_adapter
 from fx_lntune.capture import capture
-from fx_lntune.capture.cache import caching
 from fx_lntune.config import (
     LNTuningConfig,
     as_config,
@@ -81,8 +80,8 @@ def lntune_transform(
     (``adapter_name`` is then unused). ``low_cpu_mem_usage`` is accepted for PEFT's signature and, as in PEFT's
     LN tuning, changes nothing: the adapter copies are made from the base weights either way.
 
-    ``cache``: reuse (and store) the raw capture in the on-disk capture cache (``$FX_LNTUNE_CACHE_DIR``, default
-    ``~/.cache/fx-lntune``; see `fx_lntune.capture.cache`); ``False`` captures afresh and writes nothing.
+    ``cache`` is accepted for the contract's signature and changes nothing: captures are not kept on disk (the
+    capture cache was removed, issue 19: a warm load saved too little of a capture that traces three layers).
     """
     if not isinstance(model, nn.Module):
         raise LNTuneTraceError(
@@ -109,8 +108,7 @@ def lntune_transform(
     plan = plan_inputs(model, inputs)
 
     leaves = [*targets, *saved, *(path for path in others if path not in targets and path not in saved)]
-    with caching(cache):
-        gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
+    gm, used = capture(model, leaves, plan.capture_inputs, tracer, spare=_spare_norms(model, leaves), plan=plan)
     gm = run_pass(inject_adapters, gm, adapter_name=adapter_name, targets=targets, modules_to_save=saved)
     hf_config = getattr(model, "config", None)
     state = LNTuneState(

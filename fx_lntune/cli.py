@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,6 @@ import transformers
 
 import fx_lntune as fl
 from fx_lntune.api import trainable_parameters_line
-from fx_lntune.capture import cache
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LayerNorm tuning (LN tuning) of Hugging Face models as a torch.fx graph rewrite.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_inspect, _add_visualize, _add_merge, _add_export, _add_cache):
+    for add in (_add_inspect, _add_visualize, _add_merge, _add_export):
         add(commands)
     return parser
 
@@ -218,44 +216,6 @@ def _run_export(args: argparse.Namespace) -> int:
     _, gm, inputs = _tuned_graph(args.model_dir, args.adapter_dir)
     path = EXPORTERS[args.format](gm, args.output, inputs)
     print(f"exported adapter {args.adapter_dir} merged into {args.model_dir} as {args.format}: wrote {path}")
-    return 0
-
-
-def _add_cache(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "cache",
-        help="the on-disk capture cache: list its entries (info) or delete them (clear)",
-        description="lntune_transform keeps raw captures in $FX_LNTUNE_CACHE_DIR (default ~/.cache/fx-lntune) "
-        "and reuses them in later processes. 'info' prints the directory and one line per entry; 'clear' deletes "
-        "every entry.",
-        epilog="example: fx-lntune cache info",
-    )
-    parser.add_argument("action", choices=("info", "clear"), help="what to do")
-    parser.set_defaults(run=_run_cache)
-
-
-def _run_cache(args: argparse.Namespace) -> int:
-    directory = cache.cache_dir()
-    if directory is None:
-        print("capture cache: off (FX_LNTUNE_CACHE_DIR is empty)")
-        return 0
-    if args.action == "clear":
-        print(f"capture cache {directory}: deleted {cache.clear()} entries")
-        return 0
-    found = cache.entries()
-    total = sum(entry["bytes"] for entry in found)
-    print(f"capture cache {directory}: {len(found)} entries, {total / 2**20:.1f} MiB")
-    for entry in found:
-        if entry.get("corrupt"):
-            print(f"  {Path(entry['path']).name}  corrupt (ignored and rewritten on use)")
-            continue
-        versions = entry.get("versions") or {}
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(entry.get("created", 0))))
-        print(
-            f"  {str(entry.get('key', '?'))[:16]}  {entry.get('model_class', '?'):<32} "
-            f"{entry['bytes'] / 2**10:>9.0f} KiB"
-            f"  {created}  torch {versions.get('torch')}, transformers {versions.get('transformers')}"
-        )
     return 0
 
 

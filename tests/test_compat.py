@@ -30,7 +30,7 @@ def _without_start_id(arch: str) -> nn.Module:
 @pytest.mark.parametrize("arch", ["t5", "bart"])
 def test_seq2seq_config_without_decoder_start_id_captures_and_runs_as_the_model(arch):
     model = _without_start_id(arch)
-    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig(), cache=False).eval()
+    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig()).eval()
     inputs = make_inputs(arch)
     with torch.no_grad():
         torch.testing.assert_close(gm(**inputs).logits, model(**inputs).logits)
@@ -44,10 +44,10 @@ def test_labels_without_a_decoder_start_id_are_refused_by_name():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(fl.LNTuneError, match="decoder_start_token_id"):
         fl.lntune_transform(
-            model, fl.LNTuningConfig(), cache=False, example_inputs={"input_ids": inputs["input_ids"], "labels": labels}
+            model, fl.LNTuningConfig(), example_inputs={"input_ids": inputs["input_ids"], "labels": labels}
         )
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
-    gm = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
+    gm = fl.lntune_transform(model, fl.LNTuningConfig())
     with pytest.raises(fl.LNTuneError, match="decoder_start_token_id"):
         gm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels)
 
@@ -59,7 +59,7 @@ def test_a_start_id_in_the_generation_config_is_used_for_labels_only_input():
     inputs = make_inputs("t5")
     labels = make_labels("t5", inputs)
     example = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
-    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig(), cache=False, example_inputs=example).eval()
+    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig(), example_inputs=example).eval()
     reference = make_model("t5")  # the same weights with the id in its config: the model derives the inputs
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():

@@ -37,7 +37,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("graph helpers and the pass runner", ("fx_lntune.passes._graphs", "fx_lntune.passes._runner")),
     ("passes", ("fx_lntune.passes",)),
-    ("capture: front-ends, layer discovery, example inputs, cache", ("fx_lntune.capture", "fx_lntune.inputs")),
+    ("capture: front-ends, layer discovery, example inputs", ("fx_lntune.capture", "fx_lntune.inputs")),
     (
         "verbs: transform, adapters, layer graphs, generation",
         (

@@ -40,7 +40,7 @@ def _whole(model: nn.Module, monkeypatch: pytest.MonkeyPatch, **options) -> torc
     """The capture of every layer: what the shortened capture must reproduce."""
     with monkeypatch.context() as patch:
         patch.setattr(capture_layers, "layer_runs", lambda model: [])
-        return fl.lntune_transform(model, fl.LNTuningConfig(), cache=False, **options)
+        return fl.lntune_transform(model, fl.LNTuningConfig(), **options)
 
 
 def _shape(gm: torch.fx.GraphModule) -> list[tuple]:
@@ -67,7 +67,7 @@ def test_shortened_capture_gives_the_graph_of_every_layer(arch, monkeypatch):
     runs = layer_runs(model)
     assert runs and all(run.total == DEPTH and run.captured < DEPTH for run in runs)
     with exported_depths() as depths:
-        ours = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
+        ours = fl.lntune_transform(model, fl.LNTuningConfig())
     # Shortened lists only (two exports where training-mode capture fails: bart's layer drop under transformers 4).
     assert depths and all(DEPTH not in lengths for lengths in depths)
     whole = _whole(model, monkeypatch)
@@ -106,7 +106,7 @@ def test_shortened_capture_gives_the_graph_of_every_layer(arch, monkeypatch):
 def _assert_captured_whole(model: nn.Module, arch: str) -> None:
     """``model`` is exported once, with every layer, and its graph computes what the model does."""
     with exported_depths() as depths:
-        gm = fl.lntune_transform(model, fl.LNTuningConfig(), cache=False)
+        gm = fl.lntune_transform(model, fl.LNTuningConfig())
     assert depths == [[DEPTH]]
     inputs = make_inputs(arch)
     with torch.no_grad():
@@ -175,18 +175,3 @@ def test_layers_whose_graphs_differ_are_captured_whole(doubled):
     assert [layer.layer_idx for layer in model.layers] == list(range(DEPTH))
     assert all(type(layer.layer_idx) is int for layer in model.layers)  # the watched numbers are put back
     assert len(model.layers) == DEPTH
-
-
-def test_a_shortened_capture_is_cached_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("FX_LNTUNE_CACHE_DIR", str(tmp_path))
-    model = make_model("bert", depth=DEPTH)  # cached under both transformers
-    with exported_depths() as depths:
-        cold = fl.lntune_transform(model, fl.LNTuningConfig())
-        warm = fl.lntune_transform(model, fl.LNTuningConfig())
-    assert depths == [[3]]
-    assert len(fl.layer_modules(warm)) == DEPTH
-    for (path, a), (_, b) in zip(graph_modules(cold), graph_modules(warm), strict=True):
-        assert _shape(a) == _shape(b), path
-    inputs = make_inputs("bert")
-    with torch.no_grad():
-        assert torch.equal(warm(**inputs).logits, model(**inputs).logits)

@@ -12,7 +12,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.capture import cache as capture_cache
 from fx_lntune.capture import layers
 from fx_lntune.capture._build import alias_model, build_graph_module, capture_mode, trace_error
 from fx_lntune.inputs import dynamic_shapes_for
@@ -46,13 +45,7 @@ def capture_export(
     The model is captured in training mode, so that dropout appears in the graph, and falls back to evaluation
     mode where training-only code cannot be captured. Works on a copy: ``model`` is left as it was.
     """
-    key = capture_cache.capture_key(model, example_inputs, dynamic_shapes_for(example_inputs))
-    cached = capture_cache.load(key, model, example_inputs)
-    if cached is not None:
-        graph, unlifted = cached
-    else:
-        graph, unlifted, training = _export(model, example_inputs)
-        capture_cache.store(key, graph, unlifted, model, training)
+    graph, unlifted = _export(model, example_inputs)
     shell = alias_model(model)
     dropouts = [name for name, module in shell.named_modules() if isinstance(module, nn.modules.dropout._DropoutNd)]
     gm = build_graph_module(
@@ -66,9 +59,9 @@ def capture_export(
     return gm
 
 
-def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.fx.Graph, nn.Module, bool]:
-    """The raw capture: export's unlifted graph without its shape checks, the module holding its constants and
-    subgraphs, and whether it was captured in training mode. What the capture cache stores.
+def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tuple[torch.fx.Graph, nn.Module]:
+    """The raw capture: export's unlifted graph without its shape checks, and the module holding its constants
+    and subgraphs.
 
     Tracing is nearly all of a capture's time and grows with depth, so a model whose layers are alike
     (`capture.layers.layer_runs`) is exported with its layer lists shortened to three alike layers, and
@@ -104,7 +97,7 @@ def _export(model: nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> tup
             log.info("capturing every layer of %s: %s", type(model).__name__, why)
             attempts = [attempt for attempt in attempts if not attempt[0]]
             continue
-        return unlifted.graph, unlifted, training
+        return unlifted.graph, unlifted
     raise trace_error(
         "export",
         model,
