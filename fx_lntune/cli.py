@@ -24,6 +24,7 @@ from fx_lntune.api import trainable_parameters_line
 from fx_lntune.capture import cache
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
+from fx_lntune.files import file_in_the_way
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
 from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 from fx_lntune.visualize import DOT_FORMATS, PICTURE_FORMATS, find_module_paths, visualize_graph
@@ -181,6 +182,8 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         raise LNTuneConfigError(f"output '{args.out_dir}' exists and is not an empty folder; choose a new one.")
+    if (blocking := file_in_the_way(args.out_dir)) is not None:
+        raise LNTuneConfigError(f"output '{args.out_dir}' is under '{blocking}', which is a file; choose another path.")
     model, gm, _ = _tuned_graph(args.model_dir, args.adapter_dir)
     fl.apply_to_model(gm, model, ADAPTER)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,6 +373,9 @@ def _check_output(path: Path) -> None:
     if path.suffix.lower().lstrip(".") not in PICTURE_FORMATS + DOT_FORMATS:
         raise LNTuneConfigError(f"output '{path}' must end in .svg, .png, .dot or .gv.")
     if not path.parent.is_dir():
+        blocking = file_in_the_way(path)
+        if blocking is not None:
+            raise LNTuneConfigError(f"output '{path}' is under '{blocking}', which is a file; choose another path.")
         raise LNTuneConfigError(f"the folder of output '{path}' does not exist; create it first.")
 
 

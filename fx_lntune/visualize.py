@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lntune.api import print_trainable_parameters
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneExportError, LNTuneTraceError
-from fx_lntune.files import write_atomic
+from fx_lntune.files import file_in_the_way, write_atomic
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
 from fx_lntune.state import META_KEY, dispatch_modules, get_state
 
@@ -435,6 +435,10 @@ def visualize_graph(
             f"output {output.name!r} has no known extension; use .svg or .png (a picture and a .dot beside it) or "
             ".dot / .gv (DOT only)."
         )
+    if not output.parent.is_dir():
+        blocking = file_in_the_way(output)
+        where = f"is under {str(blocking)!r}, which is a file" if blocking else "is in a folder that does not exist"
+        raise LNTuneConfigError(f"output {str(output)!r} {where}; choose a path in an existing folder.")
     if not isinstance(gm, torch.fx.GraphModule):
         raise LNTuneConfigError(f"visualize_graph needs a torch.fx.GraphModule, got {type(gm).__name__}.")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
