@@ -27,7 +27,14 @@ from fx_lntune.errors import LNTuneConfigError, LNTuneError
 from fx_lntune.files import file_in_the_way
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
 from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from fx_lntune.visualize import DOT_FORMATS, PICTURE_FORMATS, find_module_paths, visualize_graph
+from fx_lntune.visualize import (
+    DOT_FORMATS,
+    DOT_SIZE_LIMIT,
+    LAYER_VIEW_NODES,
+    PICTURE_FORMATS,
+    find_module_paths,
+    visualize_graph,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -106,7 +113,8 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
         description="Capture a Hugging Face model directory with lntune_transform and draw its graph: OUT ending "
         "in .svg or .png gets the picture (Graphviz dot when installed, else a built-in SVG layout) and a .dot "
         "file beside it; .dot/.gv gets the DOT file only. The table of adapted modules is printed.",
-        epilog=r"example: fx-lntune visualize MODEL_DIR --diff --filter 'layers\.0\b' -o layer0.svg",
+        epilog=r"examples: fx-lntune visualize MODEL_DIR -o model.svg (a large model: one box per layer); "
+        r"fx-lntune visualize MODEL_DIR --diff --filter 'layers\.0\b' --depth 5 -o layer0.svg",
     )
     _add_model_argument(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help=".svg, .png, .dot or .gv")
@@ -128,6 +136,21 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
         type=int,
         metavar="K",
         help="collapse nodes to module groups named by the first K components of their module path",
+    )
+    parser.add_argument(
+        "--by-layer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"one box per layer of the model, naming the adapted modules in it (default: on for a graph of more "
+        f"than {LAYER_VIEW_NODES} nodes when neither --filter nor --depth is given); --no-by-layer draws every node",
+    )
+    parser.add_argument(
+        "--max-dot-size",
+        type=int,
+        default=DOT_SIZE_LIMIT,
+        metavar="N",
+        help=f"largest picture (nodes plus edges) Graphviz lays out, default {DOT_SIZE_LIMIT}; a larger .svg is drawn "
+        "by the built-in layout, a larger .png refused",
     )
     parser.add_argument(
         "--tracer", default="auto", choices=("auto", "export", "hf_fx", "fx"), help="capture front-end (default auto)"
@@ -152,6 +175,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
         hops=args.hops,
         depth=args.depth,
         example_inputs=inputs,
+        by_layer=args.by_layer,
+        max_dot_size=args.max_dot_size,
     )
     print(result.summary)
     drawn = f" (drawn by {'Graphviz dot' if result.renderer == 'dot' else 'the built-in layout'})"
