@@ -322,7 +322,8 @@ def write_picture(graph: nx.DiGraph, path: str | os.PathLike, max_dot_size: int 
 def layered_svg(graph: nx.DiGraph) -> str:
     """An SVG of ``graph`` drawn without Graphviz: longest-path layers from the inputs down (cycles of a collapsed
     graph share a layer), each layer ordered by its predecessors' positions, straight edges."""
-    graph = nx.subgraph_view(graph, filter_edge=lambda u, v: not graph.edges[u, v].get("shared"))
+    whole = graph
+    graph = nx.subgraph_view(whole, filter_edge=lambda u, v: not whole.edges[u, v].get("shared"))
     condensed = nx.condensation(graph)
     layer_of = {}
     for index, generation in enumerate(nx.topological_generations(condensed)):
