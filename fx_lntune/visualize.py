@@ -1,6 +1,6 @@
-"""Look at a tuned graph: a networkx view of a GraphModule (with a diff, a filter and a module-level collapse) and
-the files a person reads: DOT, an SVG or PNG picture (Graphviz ``dot``, or a built-in layered SVG without it),
-and a table of the adapted modules with their parameter counts.
+"""Look at a tuned graph: a networkx view of a GraphModule (with a diff, a filter, a module-level collapse and one box
+per layer, the default for a large graph) and the files a person reads: DOT, an SVG or PNG picture (Graphviz ``dot``,
+or a built-in layered SVG without it), and a table of the adapted modules with their parameter counts.
 
 Every function here reads the GraphModule and never changes it (shape propagation restores what it touched).
 """
