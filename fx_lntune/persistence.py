@@ -180,16 +180,6 @@ def load_adapter(
         raise
 
 
-def _saved_from(config: LNTuningConfig) -> str:
-    """Where an adapter that fits no module here came from, as its config says (PEFT's ``auto_mapping`` and
-    ``base_model_name_or_path``), with what to do."""
-    mapping = config.auto_mapping if isinstance(config.auto_mapping, Mapping) else {}
-    origin = [str(value) for value in (mapping.get("base_model_class"), config.base_model_name_or_path) if value]
-    if origin:
-        return f"The adapter was saved from {' / '.join(origin)}: load it into a graph of that model."
-    return "Was the adapter saved from another architecture? Load it into a graph of the model it was trained on."
-
-
 def apply_to_model(gm: torch.fx.GraphModule, model: nn.Module, adapter_name: str | None = None) -> None:
     """Write adapter ``adapter_name``'s weights (default: the active adapter) into ``model``, in place.
 
@@ -378,6 +368,16 @@ def _read_config(path: Path) -> LNTuningConfig:
         return LNTuningConfig.from_dict(data)
     except LNTuneConfigError as exc:
         raise LNTuneStateError(f"{path}: {exc}") from exc
+
+
+def _saved_from(config: LNTuningConfig) -> str:
+    """Where an adapter that fits no module here came from, as its config says (PEFT's ``auto_mapping`` and
+    ``base_model_name_or_path``), with what to do."""
+    mapping = config.auto_mapping if isinstance(config.auto_mapping, Mapping) else {}
+    origin = [str(value) for value in (mapping.get("base_model_class"), config.base_model_name_or_path) if value]
+    if origin:
+        return f"The adapter was saved from {' / '.join(origin)}: load it into a graph of that model."
+    return "Was the adapter saved from another architecture? Load it into a graph of the model it was trained on."
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
