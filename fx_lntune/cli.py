@@ -22,9 +22,17 @@ import fx_lntune as fl
 from fx_lntune.api import trainable_parameters_line
 from fx_lntune.config import LNTuningConfig, resolve_modules_to_save, resolve_targets
 from fx_lntune.errors import LNTuneConfigError, LNTuneError
+from fx_lntune.files import file_in_the_way
 from fx_lntune.inputs import default_input_names, make_dummy_inputs
 from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-from fx_lntune.visualize import DOT_FORMATS, PICTURE_FORMATS, find_module_paths, visualize_graph
+from fx_lntune.visualize import (
+    DOT_FORMATS,
+    DOT_SIZE_LIMIT,
+    LAYER_VIEW_NODES,
+    PICTURE_FORMATS,
+    find_module_paths,
+    visualize_graph,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -103,7 +111,8 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
         description="Capture a Hugging Face model directory with lntune_transform and draw its graph: OUT ending "
         "in .svg or .png gets the picture (Graphviz dot when installed, else a built-in SVG layout) and a .dot "
         "file beside it; .dot/.gv gets the DOT file only. The table of adapted modules is printed.",
-        epilog=r"example: fx-lntune visualize MODEL_DIR --diff --filter 'layers\.0\b' -o layer0.svg",
+        epilog=r"examples: fx-lntune visualize MODEL_DIR -o model.svg (a large model: one box per layer); "
+        r"fx-lntune visualize MODEL_DIR --diff --filter 'layers\.0\b' --depth 5 -o layer0.svg",
     )
     _add_model_argument(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="OUT", help=".svg, .png, .dot or .gv")
@@ -125,6 +134,21 @@ def _add_visualize(commands: argparse._SubParsersAction) -> None:
         type=int,
         metavar="K",
         help="collapse nodes to module groups named by the first K components of their module path",
+    )
+    parser.add_argument(
+        "--by-layer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"one box per layer of the model, naming the adapted modules in it (default: on for a graph of more "
+        f"than {LAYER_VIEW_NODES} nodes when neither --filter nor --depth is given); --no-by-layer draws every node",
+    )
+    parser.add_argument(
+        "--max-dot-size",
+        type=int,
+        default=DOT_SIZE_LIMIT,
+        metavar="N",
+        help=f"largest picture (nodes plus edges) Graphviz lays out, default {DOT_SIZE_LIMIT}; a larger .svg is drawn "
+        "by the built-in layout, a larger .png refused",
     )
     parser.add_argument(
         "--tracer", default="auto", choices=("auto", "export", "hf_fx", "fx"), help="capture front-end (default auto)"
@@ -149,6 +173,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
         hops=args.hops,
         depth=args.depth,
         example_inputs=inputs,
+        by_layer=args.by_layer,
+        max_dot_size=args.max_dot_size,
     )
     print(result.summary)
     drawn = f" (drawn by {'Graphviz dot' if result.renderer == 'dot' else 'the built-in layout'})"
@@ -179,6 +205,8 @@ def _add_merge(commands: argparse._SubParsersAction) -> None:
 def _run_merge(args: argparse.Namespace) -> int:
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         raise LNTuneConfigError(f"output '{args.out_dir}' exists and is not an empty folder; choose a new one.")
+    if (blocking := file_in_the_way(args.out_dir)) is not None:
+        raise LNTuneConfigError(f"output '{args.out_dir}' is under '{blocking}', which is a file; choose another path.")
     model, gm, _ = _tuned_graph(args.model_dir, args.adapter_dir)
     fl.apply_to_model(gm, model, ADAPTER)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +358,9 @@ def _check_output(path: Path) -> None:
     if path.suffix.lower().lstrip(".") not in PICTURE_FORMATS + DOT_FORMATS:
         raise LNTuneConfigError(f"output '{path}' must end in .svg, .png, .dot or .gv.")
     if not path.parent.is_dir():
+        blocking = file_in_the_way(path)
+        if blocking is not None:
+            raise LNTuneConfigError(f"output '{path}' is under '{blocking}', which is a file; choose another path.")
         raise LNTuneConfigError(f"the folder of output '{path}' does not exist; create it first.")
 
 

@@ -89,6 +89,8 @@ _FIELDS = (
 # PEFT only parses peft_version for OFT configs; any string is accepted for LN tuning.
 _PEFT_VERSION_TAG = "fx-lntune"
 _MAX_LISTED_NAMES = 20
+# Names that only illustrate (the matching norms of a model, a config's list): a few are enough.
+_NAMES_IN_A_HINT = 6
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -429,7 +431,8 @@ def _target_selector(model: nn.Module, config: LNTuningConfig) -> tuple[Callable
             return (lambda _name, module: is_normalization_module(module)), "the default (every norm module)"
         described = f"the default target_modules for model_type {model_type!r} ({patterns})"
     else:
-        described = f"target_modules={patterns!r}"
+        shown = _listed(patterns, _NAMES_IN_A_HINT) if isinstance(patterns, list) else repr(patterns)
+        described = f"target_modules={shown}"
     return (lambda name, _module: matches(name, patterns)), described
 
 
@@ -495,15 +498,15 @@ def _no_target_message(
     suffixes = sorted({name.rpartition(".")[2] for name in norm_names})
     return (
         f"{described} matched no module of {type(model).__name__}. Its normalization modules are "
-        f"{_listed(norm_names)}. Pass target_modules as a list of name suffixes, e.g. {suffixes}, or as a "
-        "regex that matches the full name."
+        f"{_listed(norm_names, _NAMES_IN_A_HINT)}. Pass target_modules as a list of name suffixes, e.g. "
+        f"{suffixes}, or as a regex that matches the full name."
     )
 
 
-def _listed(names: list[str]) -> str:
-    """``names`` for a message: at most ``_MAX_LISTED_NAMES`` of them, then how many more."""
-    more = len(names) - _MAX_LISTED_NAMES
-    return f"{names[:_MAX_LISTED_NAMES]}" + (f" (and {more} more)" if more > 0 else "")
+def _listed(names: list[str], limit: int = _MAX_LISTED_NAMES) -> str:
+    """``names`` for a message: at most ``limit`` of them, then how many more."""
+    more = len(names) - limit
+    return f"{names[:limit]}" + (f" (and {more} more)" if more > 0 else "")
 
 
 def _check_patterns(field: str, value: Any) -> str | list[str] | None:

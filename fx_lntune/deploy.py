@@ -29,8 +29,9 @@ from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
+from fx_lntune.files import file_in_the_way
 from fx_lntune.generation import decoder_for
-from fx_lntune.inputs import dynamic_shapes_for
+from fx_lntune.inputs import dynamic_shapes_for, grow_size_one
 from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
@@ -144,9 +145,13 @@ def _export_onnx_decoder(
     gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor], onnx: Any
 ) -> Path:
     decoder = _decoder_with_past(gm, example_inputs)
-    with _staged(path) as staging, _as_export_error("ONNX export of the decoder with past"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
-        with torch.no_grad():
+    with (
+        _staged(path) as staging,
+        _as_export_error("ONNX export of the decoder with past"),
+        _evaluation_mode(decoder.module),
+    ):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
             program = torch.onnx.export(
                 decoder.module,
                 decoder.args,
@@ -184,6 +189,19 @@ def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, to
     return decoder_with_past(gm, state, example_inputs, layout)
 
 
+@contextlib.contextmanager
+def _evaluation_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in evaluation mode inside the block, each given back its own mode after it (the
+    decoder step shares the tuned graph's dispatch modules)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
+
+
 @dataclass
 class _Deployable:
     """What every exporter needs: a plain module with named tensor inputs and a dict of named tensor outputs."""
@@ -197,7 +215,8 @@ class _Deployable:
 
 def _prepare(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> _Deployable:
     plain, input_names = _merged_copy(gm, example_inputs)
-    inputs = {name: example_inputs[name] for name in input_names}
+    # One example of batch or length 1 is enough, as for lntune_transform: export would fix such an axis to 1.
+    inputs = grow_size_one({name: example_inputs[name] for name in input_names})
     dynamic_axes = _dynamic_axes(inputs)
     plain.eval()
     with torch.no_grad(), _as_export_error("running the graph on example_inputs"):
@@ -424,6 +443,12 @@ def _staged(path: str | os.PathLike) -> Iterator[Path]:
     if target.is_dir():
         raise LNTuneExportError(f"{str(target)!r} is a directory; give the path of the file to write.")
     if not target.parent.is_dir():
+        blocking = file_in_the_way(target)
+        if blocking is not None:
+            raise LNTuneExportError(
+                f"cannot write {str(target)!r}: {str(blocking)!r} is a file, not a directory; choose a path in a "
+                "directory."
+            )
         raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -7,7 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "file_in_the_way"]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -23,3 +23,17 @@ def write_atomic(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The existing file (not a directory) among the parents of ``path``, where a directory would have to be for
+    ``path`` to be written; ``None`` when there is none. E.g. ``config.json/out`` -> ``config.json``.
+
+    Writers check it first, so that a path under a file is refused with our error naming that file, not with a raw
+    ``NotADirectoryError`` after some directories were made."""
+    for parent in Path(path).parents:
+        if parent.is_dir():
+            return None
+        if parent.exists():
+            return parent
+    return None

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modu
 from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneStateError
+from fx_lntune.files import file_in_the_way
 from fx_lntune.routing import check_adapter_exists, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
@@ -85,7 +86,7 @@ def save_adapter(
 
     Raises:
         LNTuneAdapterError: no adapter ``adapter_name``.
-        LNTuneStateError: ``directory`` is an existing file.
+        LNTuneStateError: ``directory`` or one of its parents is an existing file.
     """
     state = get_state(gm)
     adapter_name = state.active_adapter if adapter_name is None else adapter_name
@@ -95,6 +96,12 @@ def save_adapter(
         raise LNTuneStateError(
             f"{directory} is a file; save_adapter writes its files (config, weights, model card) into a directory: "
             "pass one."
+        )
+    blocking = file_in_the_way(directory)
+    if blocking is not None:
+        raise LNTuneStateError(
+            f"cannot save the adapter to {directory}: {blocking} is a file, not a directory, so nothing can be "
+            "written under it. Pass a directory path whose parents are directories (or do not exist yet)."
         )
     if not isinstance(model_card, bool):
         raise LNTuneStateError(f"model_card must be True or False, got {type(model_card).__name__} {model_card!r}.")
@@ -160,7 +167,8 @@ def load_adapter(
         targets, saved = resolve_adapter_modules(gm, config)
     except LNTuneConfigError as exc:
         raise LNTuneStateError(
-            f"{directory / CONFIG_NAME} does not fit this graph: {exc} Was the adapter saved from another architecture?"
+            f"{directory / CONFIG_NAME} does not fit this graph of {state.model_class or 'its model'}: {exc} "
+            f"{_saved_from(config)}"
         ) from exc
     _check_weights(directory / WEIGHTS_NAME, tensors, _expected_tensors(gm, targets, saved))
     add_adapter(gm, adapter_name, config)
@@ -393,6 +401,16 @@ def _read_config(path: Path) -> LNTuningConfig:
         return LNTuningConfig.from_dict(data)
     except LNTuneConfigError as exc:
         raise LNTuneStateError(f"{path}: {exc}") from exc
+
+
+def _saved_from(config: LNTuningConfig) -> str:
+    """Where an adapter that fits no module here came from, as its config says (PEFT's ``auto_mapping`` and
+    ``base_model_name_or_path``), with what to do."""
+    mapping = config.auto_mapping if isinstance(config.auto_mapping, Mapping) else {}
+    origin = [str(value) for value in (mapping.get("base_model_class"), config.base_model_name_or_path) if value]
+    if origin:
+        return f"The adapter was saved from {' / '.join(origin)}: load it into a graph of that model."
+    return "Was the adapter saved from another architecture? Load it into a graph of the model it was trained on."
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""Look at a tuned graph: a networkx view of a GraphModule (with a diff, a filter and a module-level collapse) and
-the files a person reads: DOT, an SVG or PNG picture (Graphviz ``dot``, or a built-in layered SVG without it),
-and a table of the adapted modules with their parameter counts.
+"""Look at a tuned graph: a networkx view of a GraphModule (with a diff, a filter, a module-level collapse and one box
+per layer, the default for a large graph) and the files a person reads: DOT, an SVG or PNG picture (Graphviz ``dot``,
+or a built-in layered SVG without it), and a table of the adapted modules with their parameter counts.
 
 Every function here reads the GraphModule and never changes it (shape propagation restores what it touched).
 """
@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fx_lntune.api import print_trainable_parameters
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneExportError, LNTuneTraceError
-from fx_lntune.files import write_atomic
+from fx_lntune.files import file_in_the_way, write_atomic
 from fx_lntune.passes.split_layers import inline_layers, layer_calls
 from fx_lntune.state import META_KEY, dispatch_modules, get_state
 
@@ -42,6 +42,9 @@ __all__ = [
     "filter_graph",
     "find_module_paths",
     "collapse_graph",
+    "collapse_layers",
+    "LAYER_VIEW_NODES",
+    "DOT_SIZE_LIMIT",
     "to_pydot",
     "write_dot",
     "write_picture",
@@ -68,6 +71,18 @@ _DISPATCH_FILL = "#ffd8a8"
 _CHANGED_FILL, _CHANGED_PEN = "#ff8787", "#c92a2a"
 _ADDED_FILL = "#b2f2bb"
 _LARGE_GRAPH = 150
+# Above this many nodes `visualize_graph` draws one box per layer unless told otherwise (nobody reads more).
+LAYER_VIEW_NODES = 250
+# Graphviz's layout time grows fast with size: a flat SmolLM2 (1,738 nodes, 2,714 edges) ran for minutes, 288 nodes
+# with 444 edges took seconds. Above this many nodes plus edges dot is not started (see `write_picture`).
+DOT_SIZE_LIMIT = 2000
+# A dot that runs longer than this is stopped (a safety net under DOT_SIZE_LIMIT's estimate).
+_DOT_TIMEOUT_S = 120
+_ADAPTED_SHOWN = 3
+_NO_LAYERS = (
+    "this graph has no layer submodules to draw one box per layer; collapse it with depth=K (--depth K) instead, "
+    "e.g. depth=3."
+)
 _INSTALL_GRAPHVIZ = "install Graphviz (apt-get install graphviz, brew install graphviz or conda install graphviz)"
 # Node data that is networkx-only (not written to DOT).
 _INTERNAL_KEYS = ("stack",)
@@ -115,6 +130,7 @@ def graph_to_networkx(gm: torch.fx.GraphModule, example_inputs: Mapping[str, tor
     for node in nodes:
         for source in node.all_input_nodes:
             graph.add_edge(source.name, node.name)
+    graph.graph["layers"] = _layer_paths(gm)
     state = gm.meta.get(META_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
     if state is not None:
         graph.graph["adapters"] = list(state.configs)
@@ -188,29 +204,41 @@ def collapse_graph(graph: nx.DiGraph, depth: int) -> nx.DiGraph:
     """The graph at module level: every node with a module path joins the group named by the first ``depth``
     components of that path (``model.layers.0`` for ``depth=3``); nodes without one (inputs, output, ops of the
     model's own forward) stay as they are. A group is one node (``op="module"``, ``nodes``: how many it holds,
-    ``adapter_dispatch`` and ``diff`` summarised over its members); an edge joins two groups when an edge joins
-    members of both. A new graph.
+    ``adapter_dispatch`` and ``diff`` summarised over its members, ``adapted``: the adapted modules inside it,
+    relative to it); an edge joins two groups when an edge joins members of both. A new graph.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise LNTuneConfigError(f"depth must be an integer >= 1 (module path components), got {depth!r}.")
-    keep = {name for name, data in graph.nodes(data=True) if not data["module_path"]}
-    members: dict[str, list[str]] = {}
-    for name, data in graph.nodes(data=True):
-        if name not in keep:
-            members.setdefault(".".join(data["module_path"].split(".")[:depth]), []).append(name)
-    group_id = {path: path if path not in keep else f"{path} (module)" for path in members}
-    home = {name: name for name in keep}
-    for path, names in members.items():
-        home.update(dict.fromkeys(names, group_id[path]))
+    return _collapse(graph, lambda path: ".".join(path.split(".")[:depth]))
 
-    collapsed = nx.DiGraph(**graph.graph)
-    for name, data in graph.nodes(data=True):
-        if name in keep:
-            collapsed.add_node(name, **data)
-        elif home[name] not in collapsed:
-            path = ".".join(data["module_path"].split(".")[:depth])
-            collapsed.add_node(home[name], **_group_data(graph, path, members[path]))
-    collapsed.add_edges_from((home[u], home[v]) for u, v in graph.edges if home[u] != home[v])
+
+def collapse_layers(graph: nx.DiGraph, layer_paths: Iterable[str] | None = None) -> nx.DiGraph:
+    """One box per layer: `collapse_graph` where every node inside a layer (its module path is the layer's path or
+    below it) joins that layer's group, and every other node with a module path joins the group of as many path
+    components as the shortest layer path has (``model.embed_tokens``, ``model.norm``, ``lm_head`` beside the
+    ``model.layers.i`` boxes). ``layer_paths`` default to the layers `graph_to_networkx` recorded
+    (``graph.graph["layers"]``: the layer submodules of the graph). An edge from a node that more than two layers
+    read (the attention mask, rotary angles, sizes) is marked ``shared`` and not drawn (it would pull the layers
+    apart); the node says ``read by N layers`` instead (``shared_readers``). A new graph.
+    """
+    layers = list(graph.graph.get("layers", ()) if layer_paths is None else layer_paths)
+    if not layers:
+        raise LNTuneConfigError(_NO_LAYERS)
+    inside = re.compile("|".join(rf"{re.escape(path)}(?=\.|$)" for path in sorted(layers, key=len, reverse=True)))
+    depth = min(len(path.split(".")) for path in layers)
+
+    def group_of(path: str) -> str:
+        found = inside.match(path)
+        return found.group(0) if found else ".".join(path.split(".")[:depth])
+
+    collapsed = _collapse(graph, group_of)
+    boxes = set(layers)
+    for name in collapsed:
+        readers = [user for user in collapsed.successors(name) if user in boxes]
+        if len(readers) > 2 and name not in boxes:  # read by many layers, not passed from one to the next
+            for user in readers:
+                collapsed.edges[name, user]["shared"] = True
+            collapsed.nodes[name]["shared_readers"] = len(readers)
     return collapsed
 
 
@@ -232,7 +260,7 @@ def to_pydot(graph: nx.DiGraph) -> pydot.Dot:
         attributes = {key: value for key, value in data.items() if key not in _INTERNAL_KEYS and value != ""}
         attributes.update(_appearance(name, data))
         display.add_node(name, **{key: _quoted(value) for key, value in attributes.items()})
-    display.add_edges_from(graph.edges)
+    display.add_edges_from(_drawn_edges(graph))
     return nx.nx_pydot.to_pydot(display)
 
 
@@ -243,27 +271,44 @@ def write_dot(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_picture(graph: nx.DiGraph, path: str | os.PathLike) -> str:
+def write_picture(graph: nx.DiGraph, path: str | os.PathLike, max_dot_size: int | None = DOT_SIZE_LIMIT) -> str:
     """Draw ``graph`` into ``path`` (``.svg`` or ``.png``); returns how: ``"dot"`` or ``"builtin"``.
 
-    With Graphviz's ``dot`` on ``PATH`` it lays the picture out. Without it an SVG is drawn by `layered_svg`
-    (a plainer layered layout) and a PNG is refused with `LNTuneConfigError`. The file is replaced only once
-    the picture is complete.
+    With Graphviz's ``dot`` on ``PATH`` it lays the picture out, if the graph is small enough for that to take
+    seconds: at most ``max_dot_size`` nodes plus edges (``None``: no limit). Otherwise an SVG is drawn by
+    `layered_svg` (a plainer layered layout, fast at any size) and a PNG is refused with `LNTuneConfigError` saying
+    why and what to do. A dot that still runs after two minutes is stopped (`LNTuneExportError`). The file is
+    replaced only once the picture is complete.
     """
     path = Path(path)
     kind = path.suffix.lower().lstrip(".")
     if kind not in PICTURE_FORMATS:
         raise LNTuneConfigError(f"a picture is .svg or .png, got {path.name!r}.")
     dot = shutil.which("dot")
-    if dot is None:
+    size = graph.number_of_nodes() + graph.number_of_edges()
+    too_big = max_dot_size is not None and size > max_dot_size
+    if dot is None or too_big:
         if kind == "png":
-            raise LNTuneConfigError(
-                f"drawing {path.name} needs Graphviz's 'dot', which is not on PATH: {_INSTALL_GRAPHVIZ}, or write "
-                "an .svg, which is drawn without it."
+            why = (
+                f"Graphviz would take minutes to lay out {graph.number_of_nodes():,} nodes and "
+                f"{graph.number_of_edges():,} edges (more than {max_dot_size:,} in all): draw fewer (one box per "
+                "layer, or filter / depth), or write an .svg, which is then drawn by the built-in layout"
+                if too_big
+                else f"drawing {path.name} needs Graphviz's 'dot', which is not on PATH: {_INSTALL_GRAPHVIZ}, or "
+                "write an .svg, which is drawn without it"
             )
+            raise LNTuneConfigError(f"{why}.")
         write_atomic(path, layered_svg(graph).encode())
         return "builtin"
-    run = subprocess.run([dot, f"-T{kind}"], input=to_pydot(graph).to_string().encode(), capture_output=True)
+    source = to_pydot(graph).to_string().encode()
+    try:
+        run = subprocess.run([dot, f"-T{kind}"], input=source, capture_output=True, timeout=_DOT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise LNTuneExportError(
+            f"Graphviz dot ran for {_DOT_TIMEOUT_S} s on {graph.number_of_nodes():,} nodes and was stopped; draw "
+            "fewer nodes (one box per layer, or filter / depth), or write an .svg with max_dot_size=0 (the "
+            "built-in layout)."
+        ) from None
     if run.returncode != 0:
         message = " ".join(run.stderr.decode(errors="replace").split())[:400]
         raise LNTuneExportError(
@@ -277,6 +322,8 @@ def write_picture(graph: nx.DiGraph, path: str | os.PathLike) -> str:
 def layered_svg(graph: nx.DiGraph) -> str:
     """An SVG of ``graph`` drawn without Graphviz: longest-path layers from the inputs down (cycles of a collapsed
     graph share a layer), each layer ordered by its predecessors' positions, straight edges."""
+    whole = graph
+    graph = nx.subgraph_view(whole, filter_edge=lambda u, v: not whole.edges[u, v].get("shared"))
     condensed = nx.condensation(graph)
     layer_of = {}
     for index, generation in enumerate(nx.topological_generations(condensed)):
@@ -323,7 +370,7 @@ def layered_svg(graph: nx.DiGraph) -> str:
         'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#868e96"/></marker></defs>',
         f'<rect width="{total_w:.0f}" height="{total_h:.0f}" fill="white"/>',
     ]
-    for source, target in graph.edges:
+    for source, target in _drawn_edges(graph):
         sx, sy, sw, sh = boxes[source]
         tx, ty, tw, _ = boxes[target]
         x1, y1, x2, y2 = sx + sw / 2, sy + sh, tx + tw / 2, ty
@@ -419,6 +466,8 @@ def visualize_graph(
     hops: int = 1,
     depth: int | None = None,
     example_inputs: Mapping[str, torch.Tensor] | None = None,
+    by_layer: bool | None = None,
+    max_dot_size: int | None = DOT_SIZE_LIMIT,
 ) -> VisualizeResult:
     """Draw ``gm`` into ``output`` and return what was drawn; ``gm`` is not changed.
 
@@ -426,7 +475,11 @@ def visualize_graph(
     name, ``.dot``); ``.dot`` or ``.gv`` gets the DOT file only. ``before`` (e.g. ``fx_lntune.unload(gm)``) marks
     the changed nodes (`diff_graphs`); ``filter_regex`` keeps the nodes of matching modules and ``hops``
     neighbours (`filter_graph`); ``depth`` then collapses nodes to module groups (`collapse_graph`).
-    ``example_inputs`` give shapes where the capture recorded none. Every check runs before any file is written.
+    ``by_layer`` draws one box per layer of the model (`collapse_layers`, each box naming the adapted modules in
+    it); by default (``None``) that is done for a graph of more than `LAYER_VIEW_NODES` nodes when neither
+    ``filter_regex`` nor ``depth`` is given, and a note says how to zoom in. ``max_dot_size``: see `write_picture`
+    (a larger picture is drawn by the built-in layout, with a note). ``example_inputs`` give shapes where the
+    capture recorded none. Every check runs before any file is written.
     """
     output = Path(output)
     kind = output.suffix.lower().lstrip(".")
@@ -435,27 +488,62 @@ def visualize_graph(
             f"output {output.name!r} has no known extension; use .svg or .png (a picture and a .dot beside it) or "
             ".dot / .gv (DOT only)."
         )
+    if not output.parent.is_dir():
+        blocking = file_in_the_way(output)
+        where = f"is under {str(blocking)!r}, which is a file" if blocking else "is in a folder that does not exist"
+        raise LNTuneConfigError(f"output {str(output)!r} {where}; choose a path in an existing folder.")
     if not isinstance(gm, torch.fx.GraphModule):
         raise LNTuneConfigError(f"visualize_graph needs a torch.fx.GraphModule, got {type(gm).__name__}.")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
         raise LNTuneConfigError(f"depth must be an integer >= 1 (module path components), got {depth!r}.")
+    if by_layer is not None and not isinstance(by_layer, bool):
+        raise LNTuneConfigError(f"by_layer must be True, False or None (automatic), got {by_layer!r}.")
+    if by_layer and depth is not None:
+        raise LNTuneConfigError("by_layer=True and depth both collapse the graph; pass one of them.")
+    if max_dot_size is not None and (isinstance(max_dot_size, bool) or not isinstance(max_dot_size, int)):
+        raise LNTuneConfigError(f"max_dot_size must be an integer or None, got {max_dot_size!r}.")
     if filter_regex is not None:
         _compile(filter_regex, "filter")
-    graph = diff_graphs(before, gm, example_inputs) if before is not None else graph_to_networkx(gm, example_inputs)
+    layers = _layer_paths(gm)
+    if by_layer and not layers:
+        raise LNTuneConfigError(_NO_LAYERS)
+    size = len(_flat(gm).graph.nodes)
+    automatic = by_layer is None and filter_regex is None and depth is None and bool(layers) and size > LAYER_VIEW_NODES
+    by_layer = bool(by_layer) or automatic
+    # One box per layer shows no tensor shapes: the run that finds them is not needed.
+    shapes = None if by_layer else example_inputs
+    graph = diff_graphs(before, gm, shapes) if before is not None else graph_to_networkx(gm, shapes)
     if filter_regex is not None:
         graph = filter_graph(graph, filter_regex, hops)
     if depth is not None:
         graph = collapse_graph(graph, depth)
+    elif by_layer:
+        graph = collapse_layers(graph, layers)
     summary = summary_table(gm) if META_KEY in getattr(gm, "meta", {}) else ""
 
-    files, renderer, notes = [], None, []
+    notes = []
+    if automatic:
+        example, zoom = rf"{re.escape(layers[0])}\b", len(layers[0].split(".")) + 2
+        notes.append(
+            f"the graph has {size:,} nodes, too many to read: drawn one box per layer ({len(layers)} layers; boxes "
+            f"holding adapted modules are orange and name them). Zoom in with --filter '{example}' --depth {zoom} "
+            f"(filter_regex=..., depth=... in Python); every node: --no-by-layer (by_layer=False)."
+        )
+    files, renderer = [], None
     if kind in PICTURE_FORMATS:
-        renderer = write_picture(graph, output)
+        renderer = write_picture(graph, output, max_dot_size)
         files.append(output)
-        if renderer == "builtin":
+        if renderer == "builtin" and shutil.which("dot") is None:
             notes.append(
                 f"Graphviz 'dot' is not on PATH: {output.name} was drawn with the built-in layered layout; for a "
                 f"clearer one, {_INSTALL_GRAPHVIZ}."
+            )
+        elif renderer == "builtin":
+            notes.append(
+                f"{graph.number_of_nodes():,} nodes and {graph.number_of_edges():,} edges are more than Graphviz lays "
+                f"out in seconds (max_dot_size={max_dot_size:,}): {output.name} was drawn with the built-in layered "
+                "layout. For a Graphviz picture draw fewer nodes (--filter / --depth, or one box per layer), or "
+                "raise --max-dot-size."
             )
         output = output.with_suffix(".dot")
     files.append(write_dot(graph, output))
@@ -477,6 +565,11 @@ def _compile(pattern: Any, what: str) -> re.Pattern:
         raise LNTuneConfigError(
             f"{what} {pattern!r} is not a valid regex ({error}); escape '.', '(' and '['."
         ) from None
+
+
+def _layer_paths(gm: torch.fx.GraphModule) -> list[str]:
+    """The paths of ``gm``'s layer submodules in call order, each once."""
+    return list(dict.fromkeys(path for _, path in layer_calls(gm)))
 
 
 def _flat(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -608,6 +701,27 @@ def _shape_and_dtype(value: Any) -> tuple[str, str]:
     return "", ""
 
 
+def _collapse(graph: nx.DiGraph, group_of: Callable[[str], str]) -> nx.DiGraph:
+    """`collapse_graph` with the group of each module path given by ``group_of``."""
+    keep = {name for name, data in graph.nodes(data=True) if not data["module_path"]}
+    group_path = {name: group_of(data["module_path"]) for name, data in graph.nodes(data=True) if name not in keep}
+    members: dict[str, list[str]] = {}
+    for name, path in group_path.items():
+        members.setdefault(path, []).append(name)
+    home = {name: name for name in keep}
+    for path, names in members.items():
+        home.update(dict.fromkeys(names, path if path not in keep else f"{path} (module)"))
+
+    collapsed = nx.DiGraph(**graph.graph)
+    for name, data in graph.nodes(data=True):
+        if name in keep:
+            collapsed.add_node(name, **data)
+        elif home[name] not in collapsed:
+            collapsed.add_node(home[name], **_group_data(graph, group_path[name], members[group_path[name]]))
+    collapsed.add_edges_from((home[u], home[v]) for u, v in graph.edges if home[u] != home[v])
+    return collapsed
+
+
 def _group_data(graph: nx.DiGraph, path: str, names: list[str]) -> dict[str, Any]:
     datas = [graph.nodes[name] for name in names]
     types = [kind for data in datas for entry_path, kind in data["stack"] if entry_path == path and kind]
@@ -619,6 +733,10 @@ def _group_data(graph: nx.DiGraph, path: str, names: list[str]) -> dict[str, Any
         "module_type": types[0] if types else "",
         "adapter_dispatch": any(data["adapter_dispatch"] for data in datas),
         "dispatch_nodes": sum(data["adapter_dispatch"] for data in datas),
+        # The adapted modules inside, relative to the group ("input_layernorm" in "model.layers.0").
+        "adapted": ", ".join(
+            dict.fromkeys(_relative(data["module_path"], path) for data in datas if data["adapter_dispatch"])
+        ),
         "base_type": next((data["base_type"] for data in datas if data["base_type"]), ""),
         "tensor_shape": "",
         "dtype": "",
@@ -628,6 +746,17 @@ def _group_data(graph: nx.DiGraph, path: str, names: list[str]) -> dict[str, Any
     if marks:
         group["diff"] = "changed" if "changed" in marks else "added" if all(m == "added" for m in marks) else "same"
     return group
+
+
+def _drawn_edges(graph: nx.DiGraph) -> list[tuple[str, str]]:
+    """The edges a picture draws: all but the ``shared`` ones (`collapse_layers`), which would pull the layers
+    apart; their source says "read by N layers" instead (``shared_readers``)."""
+    return [(source, target) for source, target, data in graph.edges(data=True) if not data.get("shared")]
+
+
+def _relative(module_path: str, group: str) -> str:
+    """``module_path`` inside ``group`` ("input_layernorm" for "model.layers.0.input_layernorm" in "model.layers.0")."""
+    return module_path[len(group) + 1 :] if module_path.startswith(group + ".") else module_path
 
 
 def _appearance(name: str, data: Mapping[str, Any]) -> dict[str, str]:
@@ -642,18 +771,20 @@ def _appearance(name: str, data: Mapping[str, Any]) -> dict[str, str]:
     elif op == "module":
         if data["adapter_dispatch"] and data["nodes"] == data["dispatch_nodes"]:  # the dispatch module itself
             module_type = f"{module_type}({data['base_type']})"
-        elif data["adapter_dispatch"]:
-            count = data["dispatch_nodes"]
-            inside = f"{count} adapter-dispatch node{'s' if count != 1 else ''} inside"
-            module_type = f"{module_type}, {inside}" if module_type else inside
         size = f"[{data['nodes']} node{'s' if data['nodes'] != 1 else ''}]"
         lines = [data["target"], f"{module_type} {size}" if module_type else size]
+        if data["adapter_dispatch"] and data["nodes"] != data["dispatch_nodes"]:
+            adapted = data["adapted"].split(", ")
+            more = f" +{len(adapted) - _ADAPTED_SHOWN} more" if len(adapted) > _ADAPTED_SHOWN else ""
+            lines.append(f"adapted: {', '.join(adapted[:_ADAPTED_SHOWN])}{more}")
     elif op in ("placeholder", "output"):
         lines = [name]
     else:
         lines = [name, data["target"]]
     if data["tensor_shape"]:
         lines.append(data["tensor_shape"] + (f" {data['dtype']}" if data["dtype"] else ""))
+    if data.get("shared_readers"):
+        lines.append(f"(read by {data['shared_readers']} layers)")
     look = {"shape": shape, "fillcolor": fill}
     if data["adapter_dispatch"]:
         look["fillcolor"] = _DISPATCH_FILL

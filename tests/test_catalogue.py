@@ -7,9 +7,12 @@ prints this table as Markdown for the README, so the two cannot drift. Save/load
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +106,15 @@ def _with(inputs: dict, **changes) -> dict:
     return {key: value for key, value in {**inputs, **changes}.items() if value is not None}
 
 
+@functools.cache
+def _bert_adapter() -> str:
+    """A directory holding an adapter saved from a bert classifier (outside the row's files)."""
+    directory = tempfile.mkdtemp(prefix="fx-lntune-bert-adapter-")
+    fl.save_adapter(captured("bert")[1], directory)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 def _disable(gm) -> None:
     with fl.disable_adapters(gm):
         pass
@@ -112,6 +124,8 @@ A, C, T, S = fl.LNTuneAdapterError, fl.LNTuneConfigError, fl.LNTuneTraceError, f
 G = fl.LNTuneGenerationError
 LEAD_OUT = "lead out of a save directory"
 NOT_OURS = "was not produced by lntune_transform"
+# A path under a file (the rows run in tmp_path/work, beside tmp_path/saved/adapter_config.json).
+UNDER_A_FILE = Path("../saved/adapter_config.json/x")
 
 ROWS = [
     # Adapter names: a name becomes a ModuleDict key and a directory name when saved.
@@ -395,6 +409,49 @@ ROWS = [
         lambda c: fl.lntune_transform(c.gm, fl.LNTuningConfig()),
         S,
         "this graph is already tuned",
+    ),
+    Row(
+        "save-to-a-file",
+        "save_adapter(gm, '../saved/adapter_config.json')",
+        lambda c: fl.save_adapter(c.gm, UNDER_A_FILE.parent),
+        S,
+        "writes its files (config, weights, model card) into a directory",
+    ),
+    Row(
+        "save-under-a-file",
+        "save_adapter(gm, '../saved/adapter_config.json/x')",
+        lambda c: fl.save_adapter(c.gm, UNDER_A_FILE),
+        S,
+        "adapter_config.json is a file, not a directory",
+    ),
+    Row(
+        "save-pretrained-under-a-file",
+        "gm.save_pretrained('../saved/adapter_config.json/x')",
+        lambda c: c.gm.save_pretrained(UNDER_A_FILE),
+        S,
+        "adapter_config.json is a file, not a directory",
+    ),
+    Row(
+        "export-under-a-file",
+        "export_program(gm, '../saved/adapter_config.json/m.pt2', inputs)",
+        lambda c: fl.export_program(c.gm, UNDER_A_FILE / "m.pt2", c.inputs),
+        fl.LNTuneExportError,
+        "adapter_config.json' is a file, not a directory",
+    ),
+    Row(
+        "visualize-under-a-file",
+        "visualize_graph(gm, '../saved/adapter_config.json/g.svg')",
+        lambda c: fl.visualize_graph(c.gm, UNDER_A_FILE / "g.svg"),
+        C,
+        "adapter_config.json', which is a file",
+    ),
+    Row(
+        "load-other-architecture",
+        "load_adapter(gm_of_gpt2, <adapter saved from a bert classifier>, 'x')",
+        lambda c: fl.load_adapter(c.gm, _bert_adapter(), "x"),
+        S,
+        "does not fit this graph of GPT2LMHeadModel",
+        subject="gpt2",
     ),
     Row(
         "onnx-kv-cache-encoder-only",

@@ -131,9 +131,23 @@ def test_where_peft_crashes(targets, error, expected):
     assert resolve_targets(model("llama"), LNTuningConfig(target_modules=targets)) == expected
 
 
+# 61 norms and a config listing 25 names (another model's adapter): a few of each, then how many more.
+_MANY_NORMS = nn.ModuleDict({f"norm{i}": nn.LayerNorm(2) for i in range(61)})
+_OTHER_NAMES = [f"encoder.layer.{i}.LayerNorm" for i in range(25)]
+
+
 @pytest.mark.parametrize(
     ("module", "targets", "message"),
-    [(model("llama"), ".*", "matches the root module"), (nn.Linear(2, 2), None, "no normalization module")],
+    [
+        (model("llama"), ".*", "matches the root module"),
+        (nn.Linear(2, 2), None, "no normalization module"),
+        (
+            _MANY_NORMS,
+            _OTHER_NAMES,
+            r"^target_modules=\['encoder.layer.0.LayerNorm'[^]]*'encoder.layer.5.LayerNorm'\] \(and 19 more\) "
+            r"matched no module of ModuleDict. Its normalization modules are \['norm0'[^]]*'norm5'\] \(and 55 more\)",
+        ),
+    ],
 )
 def test_we_refuse(module, targets, message):
     with pytest.raises(LNTuneConfigError, match=message):

@@ -157,24 +157,41 @@ def test_program_of_a_plain_graph(tmp_path):
         assert all(torch.equal(module(**inputs)[key], value) for key, value in _outputs(plain, inputs).items())
 
 
-# --- refusals and failures: our error, a message naming the cause, the graph unchanged, no file written ----------
-
 EXPORTS = {"torchscript": fl.export_torchscript, "onnx": fl.export_onnx, "program": fl.export_program}
 
 
-@pytest.mark.parametrize("fmt", list(EXPORTS))
+def _loaded(fmt: str, path):
+    """A callable over keyword inputs giving the exported file's outputs as tensors by name."""
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [value.name for value in session.get_outputs()]
+
+        def run(inputs):
+            values = session.run(names, {name: value.numpy() for name, value in inputs.items()})
+            return {name: torch.from_numpy(value) for name, value in zip(names, values, strict=True)}
+
+        return run
+    module = torch.jit.load(str(path)) if fmt == "torchscript" else torch.export.load(str(path)).module()
+    return lambda inputs: module(**inputs)
+
+
 @pytest.mark.parametrize(
-    ("size", "words"), [({"batch": 1}, "size 1 in its batch axis"), ({"seq": 1}, "size 1 in its sequence axis")]
+    ("fmt", "size"),
+    [("torchscript", {"batch": 1}), ("onnx", {"batch": 1}), ("program", {"batch": 1}), ("program", {"seq": 1})],
 )
-def test_size_one_dynamic_axis_is_refused(fmt, size, words, tmp_path):
+def test_size_one_example_inputs_export_a_file_for_any_size(fmt, size, tmp_path):
+    """One example of batch or length 1 is accepted, as lntune_transform accepts it; the file is not fixed to 1."""
     gm = _tuned("llama")
     before = _snapshot(gm)
-    path = tmp_path / "model"
-    path.write_bytes(b"previous")
-    with pytest.raises(fl.LNTuneExportError, match=words):
-        EXPORTS[fmt](gm, path, make_inputs("llama", **size))
+    example = make_inputs("llama", **size)
+    path = EXPORTS[fmt](gm, tmp_path / "model", example)
     _assert_unchanged(gm, before)
-    assert path.read_bytes() == b"previous" and len(list(tmp_path.iterdir())) == 1
+    assert [file.name for file in tmp_path.iterdir()] == ["model"]
+    run = _loaded(fmt, path)
+    _check_against_graph(run, gm, "llama", ({}, OTHER_SIZE, size))
+
+
+# --- refusals and failures: our error, a message naming the cause, the graph unchanged, no file written ----------
 
 
 @pytest.mark.parametrize(

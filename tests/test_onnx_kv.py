@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -44,7 +46,14 @@ def test_decoder_with_past_greedy_loop_equals_generate(tmp_path):
     fl.add_adapter(gm, "other")
     perturb_adapter(gm, "other", seed=2)
     fl.set_adapter(gm, "other")
-    path = fl.export_onnx(gm, tmp_path / "decoder.onnx", make_inputs("llama"), kv_cache=True)
+    gm.train()  # a graph in training: the export runs in evaluation mode and gives the modes back
+    modes = [module.training for module in gm.modules()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = fl.export_onnx(gm, tmp_path / "decoder.onnx", make_inputs("llama"), kv_cache=True)
+    assert not [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert [module.training for module in gm.modules()] == modes and gm.training
+    gm.eval()
     assert fl.active_adapter(gm) == "other" and list(tmp_path.iterdir()) == [path]
 
     session = ort.InferenceSession(str(path))

@@ -310,3 +310,87 @@ def test_shape_propagation_fills_missing_shapes_and_restores_the_graph():
 
     with pytest.raises(fl.LNTuneConfigError, match="'x'"):
         viz.graph_to_networkx(gm, {"y": x})
+
+
+# --- a picture of any size: one box per layer, and no Graphviz run that would take minutes ---------------------
+
+
+def test_a_large_graph_is_drawn_one_box_per_layer_by_default(tmp_path, monkeypatch):
+    _, gm = captured("llama")
+    flat = viz.graph_to_networkx(gm)
+    monkeypatch.setattr(viz, "LAYER_VIEW_NODES", flat.number_of_nodes() - 1)  # the tiny llama counts as large
+    result = viz.visualize_graph(gm, tmp_path / "g.svg", before=fl.unload(gm))
+    layers = [f"model.layers.{i}" for i in range(2)]
+    boxes = {name: data for name, data in result.graph.nodes(data=True) if data["op"] == "module"}
+    assert set(layers) <= set(boxes)
+    assert not [
+        data
+        for data in result.graph.nodes.values()
+        if data["module_path"].startswith("model.layers.") and data["op"] != "module"
+    ]
+    # Each layer box names the adapted modules inside it (relative to it) and is marked changed.
+    targets = fl.targeted_module_names(gm)
+    for layer in layers:
+        adapted = [path[len(layer) + 1 :] for path in targets if path.startswith(layer + ".")]
+        assert boxes[layer]["adapted"].split(", ") == adapted and boxes[layer]["diff"] == "changed"
+        assert f"adapted: {', '.join(adapted)}" in viz._appearance(layer, boxes[layer])["label"]
+    assert {"model.norm", "lm_head", "model.embed_tokens"} <= set(boxes)
+    assert result.graph.number_of_nodes() < flat.number_of_nodes() / 3
+    (note,) = [note for note in result.notes if "one box per layer" in note]
+    assert r"--filter 'model\.layers\.0\b' --depth 5" in note and "--no-by-layer" in note
+    # An input that every layer reads is one label, not an edge to each layer; the layers form one chain.
+    shared = [(u, v) for u, v, data in result.graph.edges(data=True) if data.get("shared")]
+    assert not set(shared) & _dot_edges(tmp_path / "g.dot")
+    assert set(result.graph.edges) - set(shared) == _dot_edges(tmp_path / "g.dot")
+    assert ("model.layers.0", "model.layers.1") in _dot_edges(tmp_path / "g.dot")
+    assert _svg_titles(tmp_path / "g.svg") == set(result.graph)
+
+    # Zooming in (a filter or a depth) or by_layer=False draws nodes again; by_layer=True forces the boxes.
+    assert viz.visualize_graph(gm, tmp_path / "a.dot", by_layer=False).graph.number_of_nodes() == len(flat)
+    zoom = viz.visualize_graph(gm, tmp_path / "b.dot", filter_regex=r"model\.layers\.0\b", depth=5)
+    assert "model.layers.0.input_layernorm" in zoom.graph and not zoom.notes
+    monkeypatch.setattr(viz, "LAYER_VIEW_NODES", 10**6)
+    assert set(viz.visualize_graph(gm, tmp_path / "c.dot", by_layer=True).graph) == set(result.graph)
+
+
+def test_by_layer_refusals(tmp_path):
+    _, gm = captured("llama")
+    with pytest.raises(fl.LNTuneConfigError, match="pass one of them"):
+        viz.visualize_graph(gm, tmp_path / "g.svg", by_layer=True, depth=3)
+    plain = torch.fx.symbolic_trace(Block())
+    with pytest.raises(fl.LNTuneConfigError, match="no layer submodules"):
+        viz.visualize_graph(plain, tmp_path / "g.svg", by_layer=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["svg", "png"])
+def test_graphviz_is_not_started_on_a_picture_too_large_for_it(kind, tmp_path, monkeypatch):
+    _, gm = captured("llama")
+
+    def no_dot(*args, **kwargs):
+        raise AssertionError("Graphviz was started")
+
+    monkeypatch.setattr(viz.subprocess, "run", no_dot)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/dot")  # as if installed
+    if kind == "png":
+        with pytest.raises(fl.LNTuneConfigError, match=r"Graphviz would take minutes .* write an \.svg"):
+            viz.visualize_graph(gm, tmp_path / "g.png", by_layer=False, max_dot_size=100)
+        assert list(tmp_path.iterdir()) == []
+        return
+    result = viz.visualize_graph(gm, tmp_path / "g.svg", by_layer=False, max_dot_size=100)
+    assert result.renderer == "builtin" and _svg_titles(tmp_path / "g.svg") == set(result.graph)
+    assert any("max_dot_size=100" in note and "--filter" in note for note in result.notes)
+
+
+def test_a_graphviz_run_that_hangs_is_stopped(tmp_path, monkeypatch):
+    _, gm = captured("llama")
+
+    def hangs(command, **kwargs):
+        assert kwargs["timeout"] > 0
+        raise viz.subprocess.TimeoutExpired(command, kwargs["timeout"])
+
+    monkeypatch.setattr(viz.subprocess, "run", hangs)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/dot")
+    with pytest.raises(fl.LNTuneExportError, match="was stopped; draw fewer nodes"):
+        viz.visualize_graph(gm, tmp_path / "g.svg", filter_regex=r"layers\.0\b")
+    assert list(tmp_path.iterdir()) == []
