@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import platform
@@ -261,6 +262,184 @@ def checkpointing_rows(case: Case, steps: int) -> list[Row]:
         "<= 1.00",
     )
     return [memory, cost]
+
+
+SETTINGS = ("plain", "checkpointing", "checkpointing + chunked loss")
+SMOLLM2_SHAPES = ((2, 512), (4, 1024))
+PLOT_LENGTHS = (128, 256, 512)
+
+
+def lm_training_pair(model: torch.nn.Module, setting: str) -> dict[str, torch.nn.Module]:
+    """Ours and PEFT's LN tuning of a causal LM in one of `SETTINGS`: per-layer checkpointing is
+    ``fl.gradient_checkpointing`` on ours and ``gradient_checkpointing_enable`` (non-reentrant) on PEFT's model; the
+    chunked loss (``fl.chunked_loss``) is ours alone, set against PEFT with checkpointing."""
+    example = {"input_ids": torch.randint(100, 1000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    ours = fl.lntune_transform(model, fl.LNTuningConfig(), example_inputs=example)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    if setting != "plain":
+        fl.gradient_checkpointing(ours)
+        theirs.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setting.endswith("chunked loss"):
+        fl.chunked_loss(ours)
+    return {"ours": ours.train(), "peft": theirs.train()}
+
+
+def lm_batch(model: torch.nn.Module, batch: int, seq: int, padded: bool = False) -> dict[str, torch.Tensor]:
+    """Random token ids with their labels (the model's own loss) and an all-ones mask, or a quarter of row 0 padded."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    labels = ids.clone()
+    if padded:
+        mask[0, -(seq // 4) :] = 0
+        labels[0, -(seq // 4) :] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: dict) -> None:
+    model(**inputs, **({"use_cache": False} if isinstance(model, peft.PeftModel) else {})).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def lm_peak(model: torch.nn.Module, inputs: dict) -> int:
+    """Peak bytes of live tensor storage of one training step (forward with labels, backward, AdamW)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    existing = [*model.parameters(), *model.buffers(), *inputs.values()]
+    with PeakTensorMemory(existing) as tracker:
+        lm_step(model, optimizer, inputs)
+    return tracker.peak
+
+
+def lm_training_rows(
+    name: str, model: torch.nn.Module, batch: int, seq: int, pairs: int, padded_plain: bool = True
+) -> tuple[list[Row], dict[str, dict[str, int]]]:
+    """Peak training memory and step time, ours / PEFT, for each of `SETTINGS` at ``batch x seq`` (all-ones mask;
+    the plain memory also with a padded batch); the peaks in bytes by setting and side for the plot."""
+    rows: list[Row] = []
+    peaks: dict[str, dict[str, int]] = {}
+    inputs = lm_batch(model, batch, seq)
+    for setting in SETTINGS:
+        models = lm_training_pair(model, setting)
+        peaks[setting] = {side: lm_peak(m, inputs) for side, m in models.items()}
+        ours, theirs = peaks[setting]["ours"], peaks[setting]["peft"]
+        target = "<= 0.35" if setting.endswith("chunked loss") else "<= 1.00"
+        against = "PEFT with checkpointing" if setting != "plain" else "PEFT"
+        rows.append(
+            (
+                f"{name} {batch} x {seq}, {setting}: peak training memory, ours / {against}",
+                f"{ours / theirs:.3f}",
+                f"{ours / 2**20:.0f} MiB vs {theirs / 2**20:.0f} MiB (peak live tensor storage of one step)",
+                target,
+            )
+        )
+        if setting == "plain" and padded_plain:
+            padded = lm_batch(model, batch, seq, padded=True)
+            ours_p, theirs_p = (lm_peak(m, padded) for m in models.values())
+            rows.append(
+                (
+                    f"{name} {batch} x {seq}, plain, padded batch: peak training memory, ours / PEFT",
+                    f"{ours_p / theirs_p:.3f}",
+                    f"{ours_p / 2**20:.0f} MiB vs {theirs_p / 2**20:.0f} MiB",
+                    "<= 1.00",
+                )
+            )
+        if pairs:
+            optimizers = {
+                side: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+                for side, m in models.items()
+            }
+            fns = {side: functools.partial(lm_step, m, optimizers[side], inputs) for side, m in models.items()}
+            times = interleaved(fns, pairs, warmup=1)
+            rows.append(
+                ratio_row(
+                    f"{name} {batch} x {seq}, {setting}: train step, ours / {against}",
+                    times,
+                    "ours",
+                    "peft",
+                    "<= 1.00",
+                    unit=1,
+                )
+            )
+        print(f"done: {name} {batch} x {seq} {setting}", file=sys.stderr, flush=True)
+    return rows, peaks
+
+
+def lm_compile_row(name: str, model: torch.nn.Module, batch: int, seq: int, pairs: int, backend: str) -> Row:
+    """``torch.compile`` of the whole train step (forward with labels, backward, AdamW), ours and PEFT's compiled the
+    same way; plain setting."""
+    models = lm_training_pair(model, "plain")
+    inputs = lm_batch(model, batch, seq)
+    fns = {}
+    for side, m in models.items():
+        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+        fns[side] = torch.compile(functools.partial(lm_step, m, optimizer, inputs), backend=backend)
+    times = interleaved(fns, pairs, warmup=2)
+    return ratio_row(
+        f"{name} {batch} x {seq}: torch.compile({backend}) train step, ours / PEFT",
+        times,
+        "ours",
+        "peft",
+        "<= 1.00",
+        unit=1,
+    )
+
+
+def memory_plot(name: str, model: torch.nn.Module, batch: int, lengths: tuple[int, ...], path: Path) -> str:
+    """Peak training memory against sequence length for `SETTINGS`, ours and PEFT, as a PNG at ``path``
+    (matplotlib: ``pip install 'fx-lntune[plots]'``); the path, or why no plot was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'fx-lntune[plots]'): no plot"
+    curves: dict[tuple[str, str], list[float]] = {}
+    for length in lengths:
+        _, peaks = lm_training_rows(name, model, batch, length, pairs=0, padded_plain=False)
+        for setting, by_side in peaks.items():
+            for side, peak in by_side.items():
+                curves.setdefault((setting, side), []).append(peak / 2**20)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = dict(zip(SETTINGS, ("tab:red", "tab:blue", "tab:green"), strict=True))
+    for (setting, side), values in curves.items():
+        if side == "peft" and setting.endswith("chunked loss"):
+            continue  # PEFT has no chunked loss: its checkpointed curve is the reference
+        label = f"{'fx-lntune' if side == 'ours' else 'PEFT'}, {setting}"
+        ax.plot(
+            lengths, values, marker="o", color=colors[setting], linestyle="-" if side == "ours" else "--", label=label
+        )
+    ax.set_xlabel(f"sequence length (batch {batch})")
+    ax.set_ylabel("peak training memory (MiB of live tensors)")
+    ax.set_title(f"{name}: one LN-tuning step, fp32")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def memory_benchmark_rows(args: argparse.Namespace) -> list[Row]:
+    """The training-memory rows of issue 20 (`lm_training_rows`) for the small llama and SmolLM2, the compiled
+    train step, and the plot of memory against sequence length."""
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.smollm2_shapes.split(",") if shape]
+    rows, _ = lm_training_rows("small llama", small_llama(), BATCH, SEQ, args.memory_pairs)
+    smol = smollm2.load(verbose=False)[0] if smollm2.available() is None else None
+    if smol is None:
+        rows.append(("SmolLM2-135M: training memory rows", "-", f"skipped: {smollm2.available()}", ""))
+    for batch, seq in shapes if smol is not None else ():
+        rows += lm_training_rows("SmolLM2-135M", smol, batch, seq, args.memory_pairs)[0]
+    if args.compile_backend and not args.skip_compile_step:
+        rows.append(
+            lm_compile_row("small llama", small_llama(), BATCH, SEQ, args.memory_pairs or 3, args.compile_backend)
+        )
+    if args.plot and smol is not None:
+        written = memory_plot("SmolLM2-135M", smol, 1, PLOT_LENGTHS, Path(args.plot))
+        rows.append(("plot: peak memory against sequence length", "-", written, ""))
+    return rows
 
 
 def inference_rows(case: Case, pairs: int, compile_backend: str | None) -> list[Row]:
@@ -556,13 +735,25 @@ def main() -> None:
     parser.add_argument("--skip-meta", action="store_true", help="skip the 7B / 70B meta-device transforms")
     parser.add_argument("--checkpointing-only", action="store_true", help="only the activation checkpointing rows")
     parser.add_argument("--skip-generate", action="store_true", help="skip the generation rows (small llama, SmolLM2)")
+    parser.add_argument("--only", choices=["memory"], help="only the training-memory rows (and the plot)")
+    parser.add_argument("--memory-pairs", type=int, default=3, help="timed A/B rounds of the training-memory rows")
+    parser.add_argument(
+        "--smollm2-shapes", default="2x512,4x1024", help="SmolLM2 batch x length of the training-memory rows"
+    )
+    parser.add_argument("--skip-compile-step", action="store_true", help="skip the torch.compile train-step row")
+    parser.add_argument(
+        "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory.png"), help="'' for no plot"
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
-    if args.checkpointing_only:
+    if args.only == "memory":
+        rows += memory_benchmark_rows(args)
+        args.checkpointing_only, args.skip_meta, args.skip_generate = True, True, True
+    elif args.checkpointing_only:
         rows += checkpointing_rows(llama_case(), args.steps)
     for make_case in (llama_case, minilm_case) if not args.checkpointing_only else ():
         case = make_case()
@@ -585,6 +776,7 @@ def main() -> None:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
     if not args.checkpointing_only:
         rows += smollm2_capture_rows()
+        rows += memory_benchmark_rows(args)
     if not args.skip_meta and not args.checkpointing_only:
         rows += meta_rows("7B", LLAMA_7B, 10, bare_export=True)
         rows += meta_rows("70B", LLAMA_70B, 25)

@@ -27,6 +27,8 @@ __all__ = [
     "model_output",
     "scatter_image_features",
     "image_list",
+    "attention_mask",
+    "attention",
     "GRAPH_FUNCTIONS",
 ]
 
@@ -222,6 +224,65 @@ def image_list(image_features: torch.Tensor) -> list[torch.Tensor]:
     return list(image_features.unbind(0))
 
 
+def attention_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """The mask the layers' attention takes, made once for all of them (`passes.attention.share_attention_mask`).
+
+    A boolean mask (True: attend) that is exactly causal (no padding, query and key lengths equal) is ``None``:
+    attention then runs with ``is_causal``, keeps no mask and may take a faster kernel, as the eager model decides
+    outside tracing (transformers' ``_ignore_causal_mask_sdpa``). Any other boolean mask becomes the additive one
+    ``scaled_dot_product_attention`` would make of it on every call (0 where True, -inf where False, in ``like``'s
+    floating dtype), so that the layers share one instead of each keeping its own for backward. A float mask is
+    returned as it is.
+    """
+    if mask.dtype != torch.bool or not like.is_floating_point():
+        return mask
+    length = mask.shape[-1]
+    if not resolve("transformers.utils.import_utils:is_tracing")(mask) and mask.shape[-2] == length:
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+        if bool((mask == causal).all()):
+            return None
+    zero = torch.zeros((), dtype=like.dtype, device=mask.device)
+    return zero.masked_fill(mask.logical_not(), float("-inf"))
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    unmasked_is_causal: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention``, also where the key and value have fewer heads than the query
+    (grouped-query attention: key / value head ``j`` serves the ``query heads / key heads`` consecutive query heads
+    from ``j * groups``, as the model's ``repeat_kv`` arranges them). With ``unmasked_is_causal``, a ``None`` mask
+    means a causal one (`attention_mask`).
+
+    Where the kernel takes the groups as they are (CPU with any mask; elsewhere without a mask: transformers'
+    ``use_gqa_in_sdpa`` rule) the repeated key and value are never materialized (kept for backward, they cost two
+    query-sized tensors per layer); elsewhere (CUDA with a mask would fall back to the math kernel) they are
+    repeated as the model repeats them.
+    """
+    if attn_mask is None and unmasked_is_causal:
+        is_causal = True
+    # Head counts are constants of the model: plain bools also where a TorchScript trace reads sizes as tensors.
+    grouped = bool(query.shape[1] != key.shape[1])
+    if grouped and query.device.type != "cpu" and (attn_mask is not None or bool(key.shape[-1] > 256)):
+        groups = int(query.shape[1] // key.shape[1])
+        key, value = (_repeat_heads(tensor, groups) for tensor in (key, value))
+        grouped = False
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=grouped
+    )
+
+
+def _repeat_heads(tensor: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, heads, length, size = tensor.shape
+    return tensor[:, :, None].expand(batch, heads, groups, length, size).reshape(batch, heads * groups, length, size)
+
+
 # Re-tracing a pickled graph (`fx_lntune.capture._build.ReloadTracer`) must record these as nodes, not run them.
 GRAPH_FUNCTIONS = (
     default_mask,
@@ -232,4 +293,6 @@ GRAPH_FUNCTIONS = (
     model_output,
     scatter_image_features,
     image_list,
+    attention_mask,
+    attention,
 )

@@ -62,8 +62,9 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(arch):
     assert gm.code == code
 
 
-def test_chunked_loss_in_bf16_accumulates_in_fp32():
-    gm, inputs, labels = _tuned("llama", torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_chunked_loss_in_half_precision_accumulates_in_fp32(dtype):
+    gm, inputs, labels = _tuned("llama", dtype)
     plain, plain_grads = _loss_and_grads(gm, inputs, labels)
     fl.chunked_loss(gm)
     chunked, grads = _loss_and_grads(gm, inputs, labels)
@@ -73,8 +74,16 @@ def test_chunked_loss_in_bf16_accumulates_in_fp32():
         torch.testing.assert_close(grad.float(), plain_grads[name].float(), rtol=2e-2, atol=1e-2, msg=name)
 
 
-def test_a_trained_head_keeps_its_loss_and_gradients():
-    gm, inputs, labels = _tuned("llama", config=fl.LNTuningConfig(modules_to_save=["lm_head"]))
+@pytest.mark.parametrize(
+    "config",
+    [
+        fl.LNTuningConfig(modules_to_save=["lm_head"]),
+        fl.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm", "lm_head"]),
+    ],
+    ids=["modules_to_save", "targeted"],
+)
+def test_a_trained_head_keeps_its_loss_and_gradients(config):
+    gm, inputs, labels = _tuned("llama", config=config)
     plain, plain_grads = _loss_and_grads(gm, inputs, labels)
     assert any("lm_head" in name for name in plain_grads)
     fl.chunked_loss(gm)
@@ -82,6 +91,24 @@ def test_a_trained_head_keeps_its_loss_and_gradients():
     torch.testing.assert_close(chunked.loss, plain.loss, rtol=1e-5, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_under_torch_compile():
+    gm, inputs, labels = _tuned("llama")
+    fl.chunked_loss(gm)
+    for module in gm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()  # no dropout: the same computation eager and compiled
+    eager, eager_grads = _loss_and_grads(gm, inputs, labels)
+    torch._dynamo.reset()
+    try:
+        compiled, grads = _loss_and_grads(torch.compile(gm, backend="aot_eager"), inputs, labels)
+    finally:
+        torch._dynamo.reset()
+    assert compiled.logits is None
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name.removeprefix("_orig_mod.")], rtol=1e-4, atol=1e-6)
 
 
 def test_the_chunked_peak_is_below_the_plain_peak_by_the_logits():

@@ -8,7 +8,7 @@ version, dynamic shapes), then ``hf_fx`` where transformers < 5 provides it; for
 (shape-agnostic symbolic tracing), then ``export``. The first that captures wins.
 
 Whatever the front-end, each layer of the model then becomes a GraphModule of its own that the root graph calls
-(`passes.split_layers`).
+(`passes.split_layers`), and attention stops keeping copies the eager model does not keep (`passes.attention`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fx_lntune.capture.layers import find_layers
 from fx_lntune.errors import LNTuneTraceError
 from fx_lntune.inputs import InputPlan
 from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.attention import group_query_heads, share_attention_mask
 from fx_lntune.passes.image_count import free_image_count
 from fx_lntune.passes.keyword_inputs import keyword_inputs, model_output_in_graph
 from fx_lntune.passes.model_loss import add_model_loss
@@ -61,7 +62,10 @@ def capture(
     if plan is not None:
         _apply_plan(gm, plan)
     run_pass(free_image_count, gm, cleanup=True)
-    return run_pass(split_layers, gm, layers=find_layers(model)), used
+    gm = run_pass(split_layers, gm, layers=find_layers(model))
+    # What a training step keeps beyond the eager model: repeated key/value heads, a float mask per layer.
+    gm = run_pass(group_query_heads, gm, cleanup=True)
+    return run_pass(share_attention_mask, gm), used
 
 
 def _capture_flat(
