@@ -6,9 +6,10 @@ The README's "Tested with" table lists those releases.
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-__all__ = ["hf_fx_available", "model_token_id", "is_stateless_function_module"]
+__all__ = ["hf_fx_available", "model_token_id", "is_stateless_function_module", "is_tracing"]
 
 
 def hf_fx_available() -> bool:
@@ -55,3 +56,21 @@ def is_stateless_function_module(value: object) -> bool:
     own = set(vars(value)) - set(vars(nn.Module()))
     hooks = [key for key, item in vars(value).items() if key.endswith(("_hooks", "_hooks_with_kwargs")) and item]
     return not own and not hooks
+
+
+def is_tracing(tensor: torch.Tensor | None = None) -> bool:
+    """Whether a tracer sees this call (dynamo compile or export, TorchScript trace, torch.fx, fake tensors): the
+    test transformers' masking code makes before reading values from a tensor.
+
+    transformers 5 has it as ``transformers.utils.import_utils.is_tracing``; 4.57 has no such function (its checks
+    are spread over ``is_torchdynamo_compiling`` and friends), so the same test is made here.
+    """
+    try:
+        from transformers.utils.import_utils import is_tracing as hf_is_tracing  # transformers >= 5
+    except ImportError:  # transformers 4.57
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return True
+        return tensor is not None and isinstance(tensor, (torch.fx.Proxy, FakeTensor))
+    return hf_is_tracing(tensor)

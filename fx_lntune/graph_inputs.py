@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fx_lntune.compat import is_tracing
 from fx_lntune.errors import LNTuneTraceError
 
 __all__ = [
@@ -237,7 +238,7 @@ def attention_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | Non
     if mask.dtype != torch.bool or not like.is_floating_point():
         return mask
     length = mask.shape[-1]
-    if not resolve("transformers.utils.import_utils:is_tracing")(mask) and mask.shape[-2] == length:
+    if not is_tracing(mask) and mask.shape[-2] == length:
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
         if bool((mask == causal).all()):
             return None
