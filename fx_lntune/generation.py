@@ -267,7 +267,10 @@ class Decoder:
             for heads, dim in layout.self_attention
             for _ in range(2)
         )
-        past_dims = tuple({0: dyn, 2: dyn} for _ in past)
+        # One past length for every layer: one size in the graph, read by no layer of its own (so that a shortened
+        # capture finds each layer's past read by that layer only).
+        past_length_dim = torch.export.Dim("past_length")
+        past_dims = tuple({0: dyn, 2: past_length_dim} for _ in past)
         class_name = type(shell).__name__ + "".join(part.title() for part in name.split("_"))
         if name in ("step", "step_positions"):
             mask = torch.ones(batch, past_length + sequence, dtype=torch.long, device=device)
@@ -276,7 +279,7 @@ class Decoder:
                 args += (torch.arange(past_length, past_length + sequence, device=device).expand(batch, -1),)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "past": past_dims}
             dynamic["position_ids"] = {0: dyn, 1: dyn}
-            return capture_step(shell, causal_step(shell, last_only=True), args, dynamic, class_name)
+            return capture_step(shell, causal_step(shell, last_only=True), args, dynamic, class_name, shorten=True)
         mask = torch.ones(batch, sequence + 1, dtype=torch.long, device=device)
         if name == "encoder":
             ids = torch.full((batch, sequence + 1), 3, dtype=torch.long, device=device)
@@ -334,9 +337,9 @@ class Decoder:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
             past = past or self.layout.empty_past(ids.shape[0], ids.device)
             if cross:
-                outputs = self.graph("decoder_next")(ids, hidden, mask, past, cross)
+                outputs = self.graph("decoder_next")(ids, hidden, mask, *past, *cross)
             else:
-                outputs = self.graph("decoder_first")(ids, hidden, mask, past)
+                outputs = self.graph("decoder_first")(ids, hidden, mask, *past)
             count = len(past)
             write_cache(cache, outputs[1 : 1 + count], None if cross else outputs[1 + count :])
             return Seq2SeqLMOutput(logits=outputs[0], **{self.cache_name: cache})
@@ -348,8 +351,8 @@ class Decoder:
             mask = torch.ones(ids.shape[0], past_length + ids.shape[1], dtype=torch.long, device=ids.device)
         past = past or self.layout.empty_past(ids.shape[0], ids.device)
         if positions is None:
-            outputs = self.graph("step")(ids, mask, past)
+            outputs = self.graph("step")(ids, mask, *past)
         else:
-            outputs = self.graph("step_positions")(ids, mask, past, positions)
+            outputs = self.graph("step_positions")(ids, mask, *past, positions)
         write_cache(cache, outputs[1:])
         return CausalLMOutputWithPast(logits=outputs[0], **{self.cache_name: cache})

@@ -117,9 +117,9 @@ def test_decoding_computes_the_prompt_once():
     calls = []
     forward = graph.forward
 
-    def counting(input_ids, attention_mask, past, *rest):
-        calls.append((input_ids.shape[1], past[0].shape[2]))
-        return forward(input_ids, attention_mask, past, *rest)
+    def counting(input_ids, attention_mask, *rest):  # rest: the past, flat (key, value per layer), then positions
+        calls.append((input_ids.shape[1], rest[0].shape[2]))
+        return forward(input_ids, attention_mask, *rest)
 
     graph.forward = counting
     try:
@@ -206,7 +206,7 @@ def test_prefill_computes_the_last_positions_logits_only():
     prompt = _prompt("llama")
     ids, mask = prompt["input_ids"], prompt["attention_mask"]
     decoder = decoder_for(gm)
-    logits = decoder.graph("step")(ids, mask, decoder.layout.empty_past(ids.shape[0], ids.device))[0]
+    logits = decoder.graph("step")(ids, mask, *decoder.layout.empty_past(ids.shape[0], ids.device))[0]
     assert logits.shape == (ids.shape[0], 1, model.config.vocab_size)
     with torch.no_grad():
         expected = _peft_twin(model, gm)(**prompt).logits[:, -1:]
