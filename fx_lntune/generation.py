@@ -37,8 +37,9 @@ from fx_lntune.capture.decoder import (
     seq2seq_step,
     write_cache,
 )
+from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneGenerationError
-from fx_lntune.state import LNTuneState, dispatch_modules, get_state
+from fx_lntune.state import LNTuneState, get_state
 
 __all__ = ["generate", "generation_state", "decoder_for", "Decoder"]
 
@@ -155,15 +156,21 @@ def _check_can_generate(gm: torch.fx.GraphModule, state: LNTuneState) -> None:
 
 def _signature(gm: torch.fx.GraphModule) -> tuple:
     """What the shell and step graphs hold of ``gm``: its dispatch modules (which route to adapters themselves,
-    so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device."""
-    dispatch = dispatch_modules(gm)
-    inside = tuple(f"{path}." for path in dispatch)
-    tensors = tuple(
-        (name, id(tensor), tensor.dtype, tensor.device)
-        for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]
-        if not name.startswith(inside)
-    )
-    return tuple((path, id(module)) for path, module in dispatch.items()), tensors
+    so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device.
+
+    Computed at every `generate` call, so one walk over the modules (named_parameters would walk them twice)."""
+    modules, tensors, stack = [], [], [("", gm)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, AdapterDispatch):
+            modules.append((path, id(module)))
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    tensors.append((path, name, id(tensor), tensor.dtype, tensor.device))
+        stack += [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items() if child]
+    return tuple(modules), tuple(tensors)
 
 
 def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool) -> None:
