@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import logging
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +44,8 @@ from fx_lntune.errors import LNTuneGenerationError
 from fx_lntune.state import LNTuneState, get_state
 
 __all__ = ["generate", "generation_state", "decoder_for", "Decoder"]
+
+log = logging.getLogger(__name__)
 
 # `GenerationMixin.generate`'s own arguments that fx_lntune.generate passes through.
 _GENERATE_ARGUMENTS = frozenset(
@@ -91,7 +95,8 @@ def generate(
     ``do_sample``, ``top_p``, ``eos_token_id``, ...) over the model's own ``generation_config``.
 
     Decoding runs transformers' ``generate`` with a KV cache: the prompt is computed once, then one token per
-    step. The step graphs are captured at the first call (a few seconds) and kept. For an encoder-decoder,
+    step. The step graphs are captured at the first call (a few seconds: three layers traced, the rest copied;
+    logged at INFO level) and kept. For an encoder-decoder,
     ``input_ids`` go to the encoder (once) and ``decoder_input_ids`` may start the decoder. ``gm`` is not changed.
     A tokenizer's output (a ``BatchEncoding`` or dict) may come as ``input_ids``: it is read as ``**enc``.
 
@@ -240,9 +245,13 @@ class Decoder:
                 del shell.forward
 
     def graph(self, name: str) -> torch.fx.GraphModule:
-        """The step graph ``name``, captured now if it was not yet."""
+        """The step graph ``name``, captured now if it was not yet (logged: the first call waits seconds for it)."""
         if name not in self.graphs:
+            what = f"the {name} graph of {type(self.shell).__name__}"
+            log.info("fx_lntune.generate: capturing %s (once per tuned graph) ...", what)
+            start = time.perf_counter()
             self.graphs[name] = self._capture(name)
+            log.info("fx_lntune.generate: captured %s in %.1f s", what, time.perf_counter() - start)
         return self.graphs[name]
 
     def _new_cache(self) -> Any:
