@@ -399,15 +399,20 @@ def _sizes_from_first_inputs(graph: torch.fx.Graph) -> None:
 
 
 def _drop_dead_code(graph: torch.fx.Graph) -> None:
-    """Remove what no output needs, including the in-place ``detach_`` export puts on a fresh copy of a constant
-    (the empty tensor a cache layer starts from, replaced by `_hold`): it changes nothing anyone reads."""
-    graph.eliminate_dead_code()
+    """Remove the aten ops no output needs, including the in-place ``detach_`` export puts on a fresh copy of a
+    constant (the empty tensor a cache layer starts from, replaced by `_hold`): it changes nothing anyone reads.
+    Other calls stay (transformers 4.57's vmapped mask enters and leaves vmap levels through calls with no users)."""
+
+    def impure(node: torch.fx.Node) -> bool:
+        return node.is_impure() or not isinstance(node.target, torch._ops.OpOverload)
+
+    graph.eliminate_dead_code(is_impure_node=impure)
     for node in reversed(graph.nodes):
         if node.target is torch.ops.aten.detach_.default and not node.users:
             source = node.args[0]
             if source.target is torch.ops.aten.lift_fresh_copy.default and len(source.users) == 1:
                 graph.erase_node(node)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=impure)
 
 
 @dataclass
