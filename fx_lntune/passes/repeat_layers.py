@@ -96,9 +96,12 @@ def _plan(graph: torch.fx.Graph, run: LayerRun) -> _Plan:
     if len(inputs_a) != len(inputs_b):
         raise CannotRepeat(f"{run.path}: layers {paths[-2]} and {paths[-1]} have different own inputs")
     input_a, input_b = ({n: i for i, n in enumerate(r)} for r in (inputs_a, inputs_b))
+    # A layer's own outputs: values the output returns of both layers (a present key/value); a value returned of
+    # the last layer only (the final hidden state, as bart's encoder returns it) is read after the layers instead.
     returned = _returned(graph)
+    returned_set = {id(node) for node in returned}
     outputs_a = [node for node in returned if node in index_a]
-    outputs_b = [node for node in returned if node in index_b]
+    outputs_b = [node for node in returned if node in index_b and id(a[index_b[node]]) in returned_set]
     if [index_a[node] for node in outputs_a] != [index_b[node] for node in outputs_b]:
         raise CannotRepeat(f"{run.path}: layers {paths[-2]} and {paths[-1]} return different values")
     for node_a, node_b in zip(a, b, strict=True):
