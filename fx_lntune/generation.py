@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import logging
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -39,10 +41,13 @@ from fx_lntune.capture.decoder import (
     seq2seq_step,
     write_cache,
 )
+from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneGenerationError
-from fx_lntune.state import LNTuneState, dispatch_modules, get_state
+from fx_lntune.state import LNTuneState, get_state
 
 __all__ = ["generate", "generation_state", "decoder_for", "Decoder"]
+
+log = logging.getLogger(__name__)
 
 # `GenerationMixin.generate`'s own arguments that fx_lntune.generate passes through.
 _GENERATE_ARGUMENTS = frozenset(
@@ -92,7 +97,8 @@ def generate(
     ``do_sample``, ``top_p``, ``eos_token_id``, ...) over the model's own ``generation_config``.
 
     Decoding runs transformers' ``generate`` with a KV cache: the prompt is computed once, then one token per
-    step. The step graphs are captured at the first call (a few seconds) and kept. For an encoder-decoder,
+    step. The step graphs are captured at the first call (a few seconds: three layers traced, the rest copied;
+    logged at INFO level) and kept. For an encoder-decoder,
     ``input_ids`` go to the encoder (once) and ``decoder_input_ids`` may start the decoder. ``gm`` is not changed.
     A tokenizer's output (a ``BatchEncoding`` or dict) may come as ``input_ids``: it is read as ``**enc``.
 
@@ -170,15 +176,21 @@ def _without_image_features(signature: inspect.Signature) -> inspect.Signature:
 
 def _signature(gm: torch.fx.GraphModule) -> tuple:
     """What the shell and step graphs hold of ``gm``: its dispatch modules (which route to adapters themselves,
-    so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device."""
-    dispatch = dispatch_modules(gm)
-    inside = tuple(f"{path}." for path in dispatch)
-    tensors = tuple(
-        (name, id(tensor), tensor.dtype, tensor.device)
-        for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]
-        if not name.startswith(inside)
-    )
-    return tuple((path, id(module)) for path, module in dispatch.items()), tensors
+    so switching or merging inside them changes nothing here) and every other tensor, by object, dtype and device.
+
+    Computed at every `generate` call, so one walk over the modules (named_parameters would walk them twice)."""
+    modules, tensors, stack = [], [], [("", gm)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, AdapterDispatch):
+            modules.append((path, id(module)))
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    tensors.append((path, name, id(tensor), tensor.dtype, tensor.device))
+        stack += [(f"{path}.{name}" if path else name, child) for name, child in module._modules.items() if child]
+    return tuple(modules), tuple(tensors)
 
 
 def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images: bool = False) -> None:
@@ -250,9 +262,13 @@ class Decoder:
                 del shell.forward
 
     def graph(self, name: str) -> torch.fx.GraphModule:
-        """The step graph ``name``, captured now if it was not yet."""
+        """The step graph ``name``, captured now if it was not yet (logged: the first call waits seconds for it)."""
         if name not in self.graphs:
+            what = f"the {name} graph of {type(self.shell).__name__}"
+            log.info("fx_lntune.generate: capturing %s (once per tuned graph) ...", what)
+            start = time.perf_counter()
             self.graphs[name] = self._capture(name)
+            log.info("fx_lntune.generate: captured %s in %.1f s", what, time.perf_counter() - start)
         return self.graphs[name]
 
     def _new_cache(self) -> Any:
@@ -287,7 +303,10 @@ class Decoder:
             for heads, dim in layout.self_attention
             for _ in range(2)
         )
-        past_dims = tuple({0: dyn, 2: dyn} for _ in past)
+        # One past length for every layer: one size in the graph, read by no layer of its own (so that a shortened
+        # capture finds each layer's past read by that layer only).
+        past_length_dim = torch.export.Dim("past_length")
+        past_dims = tuple({0: dyn, 2: past_length_dim} for _ in past)
         if name in ("step", "step_positions"):
             mask = torch.ones(batch, past_length + sequence, dtype=torch.long, device=device)
             args = (ids, mask, past)
@@ -295,7 +314,7 @@ class Decoder:
                 args += (torch.arange(past_length, past_length + sequence, device=device).expand(batch, -1),)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}, "past": past_dims}
             dynamic["position_ids"] = {0: dyn, 1: dyn}
-            return capture_step(shell, causal_step(shell, last_only=True), args, dynamic, class_name)
+            return capture_step(shell, causal_step(shell, last_only=True), args, dynamic, class_name, shorten=True)
         mask = torch.ones(batch, sequence + 1, dtype=torch.long, device=device)
         if name == "encoder":
             ids = torch.full((batch, sequence + 1), 3, dtype=torch.long, device=device)
@@ -353,9 +372,9 @@ class Decoder:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
             past = past or self.layout.empty_past(ids.shape[0], ids.device)
             if cross:
-                outputs = self.graph("decoder_next")(ids, hidden, mask, past, cross)
+                outputs = self.graph("decoder_next")(ids, hidden, mask, *past, *cross)
             else:
-                outputs = self.graph("decoder_first")(ids, hidden, mask, past)
+                outputs = self.graph("decoder_first")(ids, hidden, mask, *past)
             count = len(past)
             write_cache(cache, outputs[1 : 1 + count], None if cross else outputs[1 + count :])
             return Seq2SeqLMOutput(logits=outputs[0], **{self.cache_name: cache})
@@ -369,10 +388,10 @@ class Decoder:
         pixels = kwargs.get("pixel_values")  # the prefill's images; transformers drops them from later steps
         if pixels is not None:
             step = self.graph("step_images" if positions is None else "step_images_positions")
-            outputs = step(ids, mask, past, pixels, *(() if positions is None else (positions,)))
+            outputs = step(ids, mask, *past, pixels, *(() if positions is None else (positions,)))
         elif positions is None:
-            outputs = self.graph("step")(ids, mask, past)
+            outputs = self.graph("step")(ids, mask, *past)
         else:
-            outputs = self.graph("step_positions")(ids, mask, past, positions)
+            outputs = self.graph("step_positions")(ids, mask, *past, positions)
         write_cache(cache, outputs[1:])
         return CausalLMOutputWithPast(logits=outputs[0], **{self.cache_name: cache})

@@ -117,9 +117,9 @@ def test_decoding_computes_the_prompt_once():
     calls = []
     forward = graph.forward
 
-    def counting(input_ids, attention_mask, past, *rest):
-        calls.append((input_ids.shape[1], past[0].shape[2]))
-        return forward(input_ids, attention_mask, past, *rest)
+    def counting(input_ids, attention_mask, *rest):  # rest: the past, flat (key, value per layer), then positions
+        calls.append((input_ids.shape[1], rest[0].shape[2]))
+        return forward(input_ids, attention_mask, *rest)
 
     graph.forward = counting
     try:
@@ -206,8 +206,53 @@ def test_prefill_computes_the_last_positions_logits_only():
     prompt = _prompt("llama")
     ids, mask = prompt["input_ids"], prompt["attention_mask"]
     decoder = decoder_for(gm)
-    logits = decoder.graph("step")(ids, mask, decoder.layout.empty_past(ids.shape[0], ids.device))[0]
+    logits = decoder.graph("step")(ids, mask, *decoder.layout.empty_past(ids.shape[0], ids.device))[0]
     assert logits.shape == (ids.shape[0], 1, model.config.vocab_size)
     with torch.no_grad():
         expected = _peft_twin(model, gm)(**prompt).logits[:, -1:]
     torch.testing.assert_close(logits, expected)
+
+
+def test_step_graph_captured_shortened_is_the_graph_of_every_layer(monkeypatch):
+    """The causal step of a 6-layer model is exported with 3 layers and the others copied (`passes.repeat_layers`,
+    each copy with its own past in and present out): the graph and tokens of a capture of every layer."""
+    from models import make_model
+
+    import fx_lntune.capture.decoder as capture_decoder
+
+    model = make_model("llama", depth=6).eval()
+    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig())
+    perturb_adapter(gm, "default", seed=1)
+    real, exported = torch.export.export, []
+
+    def spy(root, args, **kwargs):
+        exported.append(len(root.model.model.layers))
+        return real(root, args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.export, "export", spy)
+        short = decoder_for(gm).graph("step_positions")
+    with monkeypatch.context() as patch:
+        patch.setattr(capture_decoder, "_step_runs", lambda shell, args: [])
+        whole_gm = copy.deepcopy(gm)
+        whole = decoder_for(whole_gm).graph("step_positions")
+    assert exported == [3]
+
+    def ops(graph):
+        return [(node.op, str(node.target)) for node in graph.graph.nodes if node.op not in ("get_attr", "placeholder")]
+
+    assert ops(short) == ops(whole)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 99, (2, 2), generator=generator)
+    past = tuple(
+        torch.randn(2, heads, 3, dim, generator=generator)
+        for heads, dim in decoder_for(gm).layout.self_attention
+        for _ in "kv"
+    )
+    args = (ids, torch.ones(2, 5, dtype=torch.long), *past, torch.tensor([[3, 4], [3, 4]]))
+    assert len(short(*args)) == 1 + 2 * 6
+    for got, expected in zip(short(*args), whole(*args), strict=True):
+        assert torch.equal(got, expected)
+    prompt = _prompt("llama")
+    greedy = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(fl.generate(gm, **prompt, **greedy), _peft_twin(model, gm).generate(**prompt, **greedy))

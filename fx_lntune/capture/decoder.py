@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ import torch.fx
 import torch.nn as nn
 
 from fx_lntune.capture._build import build_graph_module
+from fx_lntune.capture.export import _shortened
+from fx_lntune.capture.layers import layer_runs
 from fx_lntune.errors import LNTuneGenerationError
 from fx_lntune.inputs import _image_size, _image_token
 from fx_lntune.passes._graphs import graph_modules
@@ -35,6 +38,7 @@ from fx_lntune.passes._runner import run_pass
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
 from fx_lntune.passes.image_count import free_image_count
+from fx_lntune.passes.repeat_layers import CannotRepeat, LayerRun, repeat_layers
 from fx_lntune.state import LNTuneState, dispatch_modules
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "DecoderWithPast",
     "decoder_with_past",
 ]
+
+log = logging.getLogger(__name__)
 
 # The key of `LNTuneState.extra` that lntune_transform fills for a model that can generate.
 GENERATION_KEY = "generation"
@@ -181,15 +187,29 @@ def _fill(cache: Any, tensors: Sequence[torch.Tensor]) -> None:
 def _new_cache(past: Sequence[torch.Tensor], cross: Sequence[torch.Tensor] | None, encoder_decoder: bool) -> Any:
     from transformers import DynamicCache, EncoderDecoderCache
 
-    cache = DynamicCache()
-    for index in range(len(past) // 2):
-        cache.update(past[2 * index], past[2 * index + 1], index)
+    cache = _hold(DynamicCache(), past)
     if not encoder_decoder:
         return cache
-    cross_cache = DynamicCache()
-    for index in range(len(cross or ()) // 2):
-        cross_cache.update(cross[2 * index], cross[2 * index + 1], index)
-    return EncoderDecoderCache(cache, cross_cache)
+    return EncoderDecoderCache(cache, _hold(DynamicCache(), cross or ()))
+
+
+def _hold(cache: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """``cache`` holding ``tensors`` (key, value per layer) as they are: a layer is started with a length-0 update
+    (which every transformers version accepts) and then given the tensors, rather than updated with them, which
+    would copy the whole past once more at every step. The layer number a model's attention passes to ``update``
+    is read as a plain ``int`` (a shortened capture watches what else reads it, `capture.export._shortened`)."""
+    for index in range(len(tensors) // 2):
+        key, value = tensors[2 * index], tensors[2 * index + 1]
+        cache.update(key[:, :, :0], value[:, :, :0], index)
+        layer = cache.layers[index]
+        layer.keys, layer.values = key, value
+    update = type(cache).update
+
+    def update_layer(key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        return update(cache, key_states, value_states, int(layer_idx), *args, **kwargs)
+
+    cache.update = update_layer
+    return cache
 
 
 def _logits_kwargs(shell: nn.Module, last_only: bool) -> dict[str, Any]:
@@ -322,10 +342,19 @@ def capture_step(
     args: tuple[Any, ...],
     dynamic_shapes: Mapping[str, Any],
     class_name: str,
+    *,
+    shorten: bool = False,
 ) -> torch.fx.GraphModule:
     """``function(shell, *args)`` captured with ``torch.export`` as a plain ``GraphModule`` whose
     ``model`` submodule is ``shell``'s state (shared), with every dispatch module a ``call_module`` node again.
-    ``dynamic_shapes`` maps each of ``function``'s tensor arguments by name to its dynamic dims.
+    ``dynamic_shapes`` maps each of ``function``'s tensor arguments by name to its dynamic dims. The graph takes
+    and returns its tensors flat, tuples unpacked: ``function(shell, ids, mask, (k0, v0, ...))`` becomes
+    ``graph(ids, mask, k0, v0, ...)``; no pytree flattening per call.
+
+    ``shorten``: where the model's layers are alike (`capture.layers.layer_runs`) and the tuple arguments hold
+    two tensors per layer (a causal step's past), trace three layers and copy the last for the others
+    (`passes.repeat_layers`), as the main capture does: a fraction of the capture time, the same graph. Falls back
+    to tracing every layer (with a log line) where that cannot be done.
 
     Shape guards are dropped (like the main capture does), so the graph also runs where a dynamic size is 0 or 1
     (a prefill's empty past, a one-token step). ``shell``'s modules keep their train/eval modes.
@@ -336,22 +365,67 @@ def capture_step(
     """
     root = _Traced(shell, function)
     paths = [f"model.{path}" for path in dispatch_modules(shell)]
+    runs = _step_runs(shell, args) if shorten else []
+    if runs:
+        try:
+            return _capture_step(root, args, dynamic_shapes, class_name, paths, runs)
+        except CannotRepeat as why:
+            log.info("capturing every layer of the %s step: %s", class_name, why)
+    return _capture_step(root, args, dynamic_shapes, class_name, paths, [])
+
+
+def _step_runs(shell: nn.Module, args: tuple[Any, ...]) -> list[LayerRun]:
+    """The one layer list a step can be captured shortened over: the model's only alike run, with one cache layer
+    (two tensors of each tuple argument) per layer of it."""
+    opaque = tuple({type(module) for module in dispatch_modules(shell).values()})
+    runs = layer_runs(shell, opaque=opaque)
+    per_layer = {len(arg) // 2 for arg in args if isinstance(arg, tuple)}
+    if len(runs) != 1 or per_layer != {runs[0].total}:
+        return []
+    return runs
+
+
+def _capture_step(
+    root: _Traced,
+    args: tuple[Any, ...],
+    dynamic_shapes: Mapping[str, Any],
+    class_name: str,
+    paths: list[str],
+    runs: list[LayerRun],
+) -> torch.fx.GraphModule:
+    shell, function = root.model, root.function
+    names = list(inspect.signature(function).parameters)[1 : 1 + len(args)]
+    dynamic = [dynamic_shapes[name] for name in names]
+    if runs:  # the layers traced get their cache layers; repeat_layers adds the others' as new placeholders
+        keep = 2 * runs[0].captured
+        args = tuple(arg[:keep] if isinstance(arg, tuple) else arg for arg in args)
+        dynamic = [dims[:keep] if isinstance(dims, tuple) else dims for dims in dynamic]
     modes = [(module, module.training) for module in shell.modules()]
     try:
         for module, _ in modes:
             module.training = False
-        names = list(inspect.signature(function).parameters)[1 : 1 + len(args)]
-        dims = {"args": tuple(dynamic_shapes[name] for name in names)}
-        program = torch.export.export(root, args, dynamic_shapes=dims, strict=False)
+        with _shortened(shell, runs) as read:
+            program = torch.export.export(root, args, dynamic_shapes={"args": tuple(dynamic)}, strict=False)
     finally:
         for module, mode in modes:
             module.training = mode
+    if read:
+        raise CannotRepeat(f"its forward computes with a layer number ({read[0]})")
     unlifted = program.module()
     for _, module in graph_modules(unlifted):
         for node in list(module.graph.nodes):
             if node.target in _CHECK_OPS or (node.op == "call_module" and node.target == "_guards_fn"):
                 module.graph.erase_node(node)
         module.recompile()
+    if unlifted._out_spec.is_leaf():  # one tensor out: returned as it is, not in a list
+        output = next(iter(unlifted.graph.find_nodes(op="output")))
+        output.args = (output.args[0][0],)
+    unlifted.graph._codegen = torch.fx.graph.CodeGen()  # flat in, flat out
+    _drop_dead_code(unlifted.graph)
+    _sizes_from_first_inputs(unlifted.graph)
+    if runs:
+        shifted = [LayerRun(f"model.{run.path}", run.first, run.captured, run.total) for run in runs]
+        run_pass(repeat_layers, unlifted, runs=shifted, layer_module=root.get_submodule)
     gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
     gm = run_pass(fold_module_calls, gm, paths=paths)
     inside = tuple(f"{path}." for path in paths)
@@ -366,6 +440,38 @@ def capture_step(
             "not follow adapter switches; generate with the model's own generate after apply_to_model instead."
         )
     return run_pass(follow_input_device, gm)
+
+
+def _sizes_from_first_inputs(graph: torch.fx.Graph) -> None:
+    """Read each dynamic size from the first input that has it (export reads it from any, often the last past
+    tensor): then a layer's own past is read by that layer only, as `passes.repeat_layers` needs."""
+    first: dict[Any, tuple[torch.fx.Node, int]] = {}
+    for placeholder in graph.find_nodes(op="placeholder"):
+        value = placeholder.meta.get("val")
+        for dim, size in enumerate(getattr(value, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                first.setdefault(size.node.expr, (placeholder, dim))
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.sym_size.int):
+        size = node.meta.get("val")
+        if isinstance(size, torch.SymInt) and size.node.expr in first and node.args[0].op == "placeholder":
+            node.args = first[size.node.expr]
+
+
+def _drop_dead_code(graph: torch.fx.Graph) -> None:
+    """Remove the aten ops no output needs, including the in-place ``detach_`` export puts on a fresh copy of a
+    constant (the empty tensor a cache layer starts from, replaced by `_hold`): it changes nothing anyone reads.
+    Other calls stay (transformers 4.57's vmapped mask enters and leaves vmap levels through calls with no users)."""
+
+    def impure(node: torch.fx.Node) -> bool:
+        return node.is_impure() or not isinstance(node.target, torch._ops.OpOverload)
+
+    graph.eliminate_dead_code(is_impure_node=impure)
+    for node in reversed(graph.nodes):
+        if node.target is torch.ops.aten.detach_.default and not node.users:
+            source = node.args[0]
+            if source.target is torch.ops.aten.lift_fresh_copy.default and len(source.users) == 1:
+                graph.erase_node(node)
+    graph.eliminate_dead_code(is_impure_node=impure)
 
 
 @dataclass

@@ -49,13 +49,14 @@ def _layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     ]
 
 
-def layer_runs(model: nn.Module) -> list[LayerRun]:
+def layer_runs(model: nn.Module, opaque: tuple[type[nn.Module], ...] = ()) -> list[LayerRun]:
     """The layer lists of ``model`` that a capture can run shortened (`passes.repeat_layers` adds the rest back).
 
     A list qualifies from the first layer on which every following layer is alike: the same classes, attributes
     (other than the layer number), hooks, and parameter and buffer names, shapes and dtypes. It is captured with
     three alike layers (two to check the pattern on), so it must have more than that. Lists inside another
-    list's layers, or holding such lists, are left whole. ``model`` is unchanged.
+    list's layers, or holding such lists, are left whole. A module of an ``opaque`` class (one the capture keeps
+    as a call of its own, such as a dispatch module) is compared by its class only. ``model`` is unchanged.
     """
     lists = _layer_lists(model)
     runs = []
@@ -63,7 +64,7 @@ def layer_runs(model: nn.Module) -> list[LayerRun]:
         nested = any(other.startswith(path + ".") or path.startswith(other + ".") for other, _ in lists)
         if nested or not path:
             continue
-        signatures = [_signature(layer) for layer in layers]
+        signatures = [_signature(layer, opaque) for layer in layers]
         first = len(signatures) - 1
         while first > 0 and signatures[first - 1] == signatures[-1]:
             first -= 1
@@ -101,10 +102,17 @@ def _first_difference(a: list, b: list) -> str:
     return f"the number of submodules ({len(a)} vs {len(b)})"
 
 
-def _signature(layer: nn.Module) -> list:
+def _signature(layer: nn.Module, opaque: tuple[type[nn.Module], ...] = ()) -> list:
     """What decides a layer's graph apart from its layer number: classes, attributes, hooks, state shapes."""
     signature = []
+    inside: tuple[str, ...] = ()
     for name, module in layer.named_modules(remove_duplicate=False):
+        if inside and name.startswith(inside):
+            continue
+        if isinstance(module, opaque):
+            inside += (f"{name}.",)
+            signature.append((name, type(module), [], [], []))
+            continue
         attributes = sorted(
             (key, _comparable(value))
             for key, value in vars(module).items()

@@ -48,6 +48,14 @@ def repeat_layers(
         before:  embed -> [layers.0] -> [layers.1] -> [layers.2] -> norm
         after:   embed -> [layers.0] -> [layers.1] -> [layers.2] -> [layers.3] -> [layers.4] -> norm
 
+    A layer may also have inputs and outputs of its own (a decoder step's past keys/values in, present out):
+    placeholders read by that layer only, and values of it the output returns. ``a``'s and ``b``'s must match
+    position for position; copy ``i`` gets new placeholders after ``b``'s and its outputs after ``b``'s (layer by
+    layer, each contiguous group of ``b``'s kept together), so the graph takes and returns them in layer order::
+
+        before:  step(ids, k0, v0, k1, v1, k2, v2) -> (logits, p0, q0, p1, q1, p2, q2)
+        after:   step(ids, k0, v0, ..., k4, v4) -> (logits, p0, q0, ..., p4, q4)
+
     Raises `CannotRepeat`, with ``gm`` unchanged, when the layers do not form such a chain: the caller then
     captures the whole model.
     """
@@ -62,6 +70,8 @@ class _Plan:
     template: list[torch.fx.Node]  # layer b's nodes, in graph order
     previous: list[torch.fx.Node]  # layer a's nodes, position for position
     readers: dict[torch.fx.Node, list[torch.fx.Node]]  # b's nodes read after the layers -> their readers
+    inputs: list[list[torch.fx.Node]]  # b's own placeholders, in contiguous groups
+    outputs: list[list[torch.fx.Node]]  # b's nodes the output returns, in contiguous groups
 
 
 def _plan(graph: torch.fx.Graph, run: LayerRun) -> _Plan:
@@ -81,21 +91,77 @@ def _plan(graph: torch.fx.Graph, run: LayerRun) -> _Plan:
     if len(a) != len(b):
         raise CannotRepeat(f"{run.path}: layers {paths[-2]} and {paths[-1]} differ ({len(a)} vs {len(b)} nodes)")
     index_before, index_a, index_b = ({n: i for i, n in enumerate(r)} for r in (before, a, b))
+    own = _own_inputs(graph, {node: path for path in paths[-2:] for node in regions[path]})
+    inputs_a, inputs_b = own.get(paths[-2], []), own.get(paths[-1], [])
+    if len(inputs_a) != len(inputs_b):
+        raise CannotRepeat(f"{run.path}: layers {paths[-2]} and {paths[-1]} have different own inputs")
+    input_a, input_b = ({n: i for i, n in enumerate(r)} for r in (inputs_a, inputs_b))
+    # A layer's own outputs: values the output returns of both layers (a present key/value); a value returned of
+    # the last layer only (the final hidden state, as bart's encoder returns it) is read after the layers instead.
+    returned = _returned(graph)
+    returned_set = {id(node) for node in returned}
+    outputs_a = [node for node in returned if node in index_a]
+    outputs_b = [node for node in returned if node in index_b and id(a[index_b[node]]) in returned_set]
+    if [index_a[node] for node in outputs_a] != [index_b[node] for node in outputs_b]:
+        raise CannotRepeat(f"{run.path}: layers {paths[-2]} and {paths[-1]} return different values")
     for node_a, node_b in zip(a, b, strict=True):
         same = node_a.op == node_b.op and node_a.target == node_b.target
         try:  # constants compare with ==; a tensor constant (no plain truth value) counts as a difference
             same = same and bool(
-                _tokens(node_a, index_a, index_before, paths[-2]) == _tokens(node_b, index_b, index_a, paths[-1])
+                _tokens(node_a, index_a, index_before, paths[-2], input_a)
+                == _tokens(node_b, index_b, index_a, paths[-1], input_b)
             )
         except RuntimeError:
             same = False
         same = same and _stack(node_a, paths[-2]) == _stack(node_b, paths[-1])
         if not same:
             raise CannotRepeat(f"{run.path}: {node_a.name} of {paths[-2]} and {node_b.name} of {paths[-1]} differ")
-    if any(user not in inside for node in a for user in node.users):
+    output = next(iter(graph.find_nodes(op="output")))
+    returned_a = set(outputs_a)
+    if any(user not in inside and not (user is output and node in returned_a) for node in a for user in node.users):
         raise CannotRepeat(f"{run.path}: a value of {paths[-2]} is read after the next layer")
-    readers = {node: [user for user in node.users if user not in index_b] for node in b}
-    return _Plan(b, a, {node: users for node, users in readers.items() if users})
+    returned_b = set(outputs_b)
+    readers = {
+        node: [user for user in node.users if user not in index_b and not (user is output and node in returned_b)]
+        for node in b
+    }
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    return _Plan(
+        b,
+        a,
+        {node: users for node, users in readers.items() if users},
+        _groups(inputs_b, placeholders),
+        _groups(outputs_b, returned),
+    )
+
+
+def _own_inputs(graph: torch.fx.Graph, layer_of: dict[torch.fx.Node, str]) -> dict[str, list[torch.fx.Node]]:
+    """Per layer, the placeholders only its nodes read (in graph order)."""
+    own: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.find_nodes(op="placeholder"):
+        layers = {layer_of.get(user) for user in node.users}
+        if len(layers) == 1 and None not in layers:
+            own.setdefault(layers.pop(), []).append(node)
+    return own
+
+
+def _returned(graph: torch.fx.Graph) -> list[Any]:
+    """The output node's values, flat (a decoder step returns a flat tuple)."""
+    output = next(iter(graph.find_nodes(op="output")))
+    values = output.args[0]
+    return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+def _groups(nodes: list[torch.fx.Node], order: list[Any]) -> list[list[torch.fx.Node]]:
+    """``nodes`` split where they are not next to each other in ``order``."""
+    position = {id(item): index for index, item in enumerate(order)}
+    groups: list[list[torch.fx.Node]] = []
+    for node in nodes:
+        if groups and position[id(node)] == position[id(groups[-1][-1])] + 1:
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+    return groups
 
 
 def _regions(graph: torch.fx.Graph, paths: set[str]) -> dict[str, list[torch.fx.Node]]:
@@ -110,15 +176,17 @@ def _regions(graph: torch.fx.Graph, paths: set[str]) -> dict[str, list[torch.fx.
     return regions
 
 
-def _tokens(node: torch.fx.Node, own: dict, previous: dict, path: str) -> Any:
+def _tokens(node: torch.fx.Node, own: dict, previous: dict, path: str, inputs: dict) -> Any:
     """``node``'s arguments with each node named by its role: ``own`` position, ``previous`` layer position,
-    own parameter name, or (for anything else) the node itself."""
+    own input position, own parameter name, or (for anything else) the node itself."""
 
     def role(arg: torch.fx.Node) -> Any:
         if arg in own:
             return ("own", own[arg])
         if arg in previous:
             return ("previous", previous[arg])
+        if arg in inputs:
+            return ("input", inputs[arg])
         if _is_state_of(arg, path):
             return ("state", str(arg.target)[len(path) :])
         return ("outside", arg)
@@ -145,7 +213,10 @@ def _apply(gm: torch.fx.GraphModule, run: LayerRun, plan: _Plan, layer_module: C
         key=order.__getitem__,
     )
     state_cursor = template_state[-1] if template_state else None
+    input_cursors = [group[-1] for group in plan.inputs]
+    added_outputs: list[list[torch.fx.Node]] = [[] for _ in plan.outputs]
     last, cursor = list(plan.template), plan.template[-1]
+    position = {node: index for index, node in enumerate(plan.template)}
     for index in range(run.captured, run.total):
         path = f"{run.path}.{index}"
         set_submodule(gm, path, layer_module(path))
@@ -155,12 +226,31 @@ def _apply(gm: torch.fx.GraphModule, run: LayerRun, plan: _Plan, layer_module: C
             with graph.inserting_after(state_cursor):
                 env[node] = state_cursor = graph.get_attr(rename(str(node.target)))
             env[node].meta = dict(node.meta)
+        for group_index, group in enumerate(plan.inputs):
+            for node in group:
+                with graph.inserting_after(input_cursors[group_index]):
+                    env[node] = input_cursors[group_index] = graph.placeholder(f"{node.name}_{index}")
+                env[node].meta = dict(node.meta)
         last = _copy_nodes(graph, plan.template, env, cursor, rename)
         cursor = last[-1]
-    position = {node: index for index, node in enumerate(plan.template)}
+        for group_index, group in enumerate(plan.outputs):
+            added_outputs[group_index] += [last[position[node]] for node in group]
     for node, users in plan.readers.items():
         for user in users:
             user.replace_input_with(node, last[position[node]])
+    if plan.outputs:
+        _extend_output(graph, plan.outputs, added_outputs)
+
+
+def _extend_output(graph: torch.fx.Graph, groups: list[list[torch.fx.Node]], added: list[list[torch.fx.Node]]) -> None:
+    """The output returns ``added[i]`` right after group ``i`` of the template layer's values."""
+    output = next(iter(graph.find_nodes(op="output")))
+    after = {id(group[-1]): extra for group, extra in zip(groups, added, strict=True)}
+    values = []
+    for value in _returned(graph):
+        values.append(value)
+        values += after.pop(id(value), [])
+    output.args = (type(output.args[0])(values),)
 
 
 def _copy_nodes(
