@@ -14,6 +14,7 @@ from models import ARCHITECTURES, make_inputs, make_model
 import fx_lntune as fl
 from fx_lntune.capture import hf_fx_available
 from fx_lntune.config import DEFAULT_TARGET_MODULES
+from fx_lntune.graph_inputs import attention
 from fx_lntune.passes._graphs import graph_modules, leaf_calls
 
 # Where transformers 4.x's tracer captures at all (it fails on the others, see the README's coverage table).
@@ -221,7 +222,8 @@ def test_attention_dropout_keeps_the_fused_kernel_and_follows_train_and_eval():
         n
         for _, module in graph_modules(gm)
         for n in module.graph.nodes
-        if n.target is torch.ops.aten.scaled_dot_product_attention.default
+        # `graph_inputs.attention` where `passes.attention` shares the mask: the same kernel, same arguments
+        if n.target in (torch.ops.aten.scaled_dot_product_attention.default, attention)
     ]
     rates = [n.args[4] if len(n.args) > 4 else n.kwargs["dropout_p"] for n in sdpa]
     assert sdpa and all(isinstance(rate, torch.fx.Node) for rate in rates)  # read from the module, not baked in
