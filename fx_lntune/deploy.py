@@ -256,9 +256,7 @@ def _check_prefill(loaded: nn.Module, module: _PastAsPairs, inputs: Mapping[str,
     logits and cache: catches a size the export fixed that the declared ranges do not show."""
     prompt = {name: value[:1, :1] for name, value in inputs.items() if name != "past_key_values"}
     prompt["attention_mask"] = torch.ones_like(prompt["attention_mask"])
-    prompt["past_key_values"] = tuple(
-        (key[:1, :, :0], value[:1, :, :0]) for key, value in inputs["past_key_values"]
-    )
+    prompt["past_key_values"] = tuple((key[:1, :, :0], value[:1, :, :0]) for key, value in inputs["past_key_values"])
     expected, got = module(**prompt), loaded(**prompt)
     for want, have in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got), strict=True):
         torch.testing.assert_close(have, want, atol=1e-4, rtol=0.0)
