@@ -77,6 +77,13 @@ def test_program_greedy_loop_equals_generate(arch, tmp_path):
     _check_loops(program.module(), gm, positions=True)
 
 
+def test_program_decoder_needs_the_tuned_graph(tmp_path):
+    plain = fl.merge_and_unload(captured("gpt2")[1])
+    with pytest.raises(fl.LNTuneExportError, match="needs the tuned graph"):
+        fl.export_program(plain, tmp_path / "decoder.pt2", make_inputs("gpt2"), kv_cache=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
 def test_aoti_package_greedy_loop_equals_generate(tmp_path):
     """One AOTInductor build (minutes of g++ on a busy machine): a one-layer llama, the wrapper built at -O0."""
