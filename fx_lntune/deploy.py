@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from fx_lntune.adapters import merge_and_unload
 from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
@@ -185,7 +186,7 @@ def _export_program_decoder(
             program = program.run_decompositions({})
         _widen_total_length(program)
         torch.export.save(program, str(staging))
-        _check_prefill(torch.export.load(str(staging)).module(), module, inputs)
+        _check_least_sizes(torch.export.load(str(staging)).module(), module, inputs)
     return Path(path)
 
 
@@ -240,7 +241,7 @@ def _widen_total_length(program: torch.export.ExportedProgram) -> None:
 
     Export infers its least value, 4, from the past and sequence lengths as traced (each at least 2; see
     `_PastAsPairs.example`), as a range over two dims' sum cannot be declared; the lengths the program is
-    declared for (past from 0, sequence from 1) give 1, which `_check_prefill` then runs.
+    declared for (past from 0, sequence from 1) give 1, which `_check_least_sizes` then runs.
     """
     from torch.utils._sympy.value_ranges import ValueRanges
 
@@ -251,15 +252,25 @@ def _widen_total_length(program: torch.export.ExportedProgram) -> None:
         program.range_constraints[length.node.expr] = ValueRanges(1, upper)
 
 
-def _check_prefill(loaded: nn.Module, module: _PastAsPairs, inputs: Mapping[str, Any]) -> None:
-    """The written program, called as a user would on a one-token prompt with an empty past, gives the decoder's
-    logits and cache: catches a size the export fixed that the declared ranges do not show."""
-    prompt = {name: value[:1, :1] for name, value in inputs.items() if name != "past_key_values"}
-    prompt["attention_mask"] = torch.ones_like(prompt["attention_mask"])
-    prompt["past_key_values"] = tuple((key[:1, :, :0], value[:1, :, :0]) for key, value in inputs["past_key_values"])
-    expected, got = module(**prompt), loaded(**prompt)
-    for want, have in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got), strict=True):
-        torch.testing.assert_close(have, want, atol=1e-4, rtol=0.0)
+def _check_least_sizes(loaded: nn.Module, module: _PastAsPairs, inputs: Mapping[str, Any]) -> None:
+    """The written program, called as a user would, gives the decoder's logits and cache at the sizes export
+    never traced (see `_PastAsPairs.example`): a one-token prompt with an empty past, then one token on a past of
+    one, batch 1. Catches a size the export fixed that the declared ranges do not show."""
+    first = {name: value[:1, :1] for name, value in inputs.items() if name != "past_key_values"}
+    first["attention_mask"] = torch.ones_like(first["attention_mask"])
+    first["past_key_values"] = tuple((key[:1, :, :0], value[:1, :, :0]) for key, value in inputs["past_key_values"])
+    _, present = module(**first)
+    second = {
+        **first,
+        "attention_mask": torch.ones_like(first["attention_mask"]).repeat(1, 2),
+        "past_key_values": present,
+    }
+    if "position_ids" in second:
+        second["position_ids"] = first["position_ids"] + 1
+    for call in (first, second):
+        expected, got = module(**call), loaded(**call)
+        for want, have in zip(tree_leaves(expected), tree_leaves(got), strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=0.0)
 
 
 def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
