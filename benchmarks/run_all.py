@@ -810,6 +810,105 @@ def generate_speed_rows(name: str, model: torch.nn.Module, pairs: int) -> list[R
     ]
 
 
+def program_generate(
+    decoder: Callable, input_ids: torch.Tensor, max_new_tokens: int, empty_past: tuple
+) -> torch.Tensor:
+    """Greedy decoding of unpadded prompts over an ``export_program(..., kv_cache=True)`` decoder (the loaded
+    ``.pt2`` module or its AOTInductor package): the prompt with ``empty_past`` (per layer, a (key, value) pair of
+    length 0), then one token per call with the present fed back as the past."""
+    past = empty_past
+    sequence, current = input_ids, input_ids
+    for _ in range(max_new_tokens):
+        start = sequence.shape[1] - current.shape[1]
+        logits, past = decoder(
+            input_ids=current,
+            attention_mask=torch.ones_like(sequence),
+            position_ids=torch.arange(start, sequence.shape[1]).expand(current.shape),
+            past_key_values=past,
+        )
+        current = logits[:, -1].argmax(-1)[:, None]
+        sequence = torch.cat([sequence, current], dim=1)
+    return sequence
+
+
+def deploy_rows(name: str, model: torch.nn.Module, pairs: int) -> list[Row]:
+    """Per new token (the time of ``NEW_TOKENS`` greedy tokens minus that of 1, over ``NEW_TOKENS`` - 1) from a
+    ``PROMPT``-token prompt, batch 1, measured side by side: Hugging Face ``generate`` of the eager model,
+    ``fl.generate`` of the tuned graph, onnxruntime over ``export_onnx(kv_cache=True)``, the ``.pt2`` of
+    ``export_program(kv_cache=True)`` and its AOTInductor package; each against eager. Export and compile times
+    are in the details; every deployed loop's tokens are checked against ``fl.generate``'s."""
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    model = model.eval()
+    config = model.config
+    gm = fl.lntune_transform(model, fl.LNTuningConfig())
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, config.vocab_size, (1, PROMPT), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    empty = torch.zeros(1, config.num_key_value_heads, 0, config.hidden_size // config.num_attention_heads)
+    empty_past = tuple((empty, empty) for _ in range(config.num_hidden_layers))
+    scratch = tempfile.TemporaryDirectory(prefix="fx-lntune-bench-deploy-")
+    example = {key: value.expand(2, -1) for key, value in inputs.items()}  # export wants batch >= 2
+    started = time.perf_counter()
+    program_path = fl.export_program(gm, Path(scratch.name) / "decoder.pt2", example, kv_cache=True)
+    export_s = time.perf_counter() - started
+    program = torch.export.load(program_path)
+    started = time.perf_counter()
+    package = aoti_compile_and_package(program, package_path=str(Path(scratch.name) / "decoder_aoti.pt2"))
+    compile_s = time.perf_counter() - started
+    decoders = {"program": program.module(), "aoti": aoti_load_package(package)}
+    onnx_path = fl.export_onnx(gm, Path(scratch.name) / "decoder.onnx", example, kv_cache=True)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def hf(generate: Callable) -> Callable[[int], torch.Tensor]:
+        return lambda new: generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+
+    sides: dict[str, Callable[[int], torch.Tensor]] = {
+        "eager": hf(model.generate),
+        "fl.generate": hf(lambda **kwargs: fl.generate(gm, **kwargs)),
+        "onnxruntime": lambda new: onnx_generate(None, **inputs, max_new_tokens=new, session=session),
+        "torch.export .pt2": lambda new: program_generate(decoders["program"], ids, new, empty_past),
+        "AOTInductor": lambda new: program_generate(decoders["aoti"], ids, new, empty_past),
+    }
+    with torch.no_grad():
+        expected = sides["fl.generate"](NEW_TOKENS)
+        same = {side: torch.equal(run(NEW_TOKENS), expected) for side, run in sides.items()}
+
+    def timed(run: Callable[[int], torch.Tensor], new: int) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                run(new)
+
+        return call
+
+    fns = {f"{side}/{new}": timed(run, new) for side, run in sides.items() for new in (NEW_TOKENS, 1)}
+    times = interleaved(fns, pairs, warmup=1)
+    per_token = {
+        side: (statistics.median(times[f"{side}/{NEW_TOKENS}"]) - statistics.median(times[f"{side}/1"]))
+        / (NEW_TOKENS - 1)
+        for side in sides
+    }
+    notes = {"torch.export .pt2": f"; export {export_s:.0f} s", "AOTInductor": f"; AOTInductor build {compile_s:.0f} s"}
+    rows = []
+    for side in sides:
+        tokens = "same greedy tokens as fl.generate" if same[side] else "TOKENS DIFFER from fl.generate"
+        detail = f"{1e3 * per_token[side]:.2f} ms vs {1e3 * per_token['eager']:.2f} ms per token; {tokens}"
+        rows.append(
+            (
+                f"{name}: per new token, {side} / HF eager generate",
+                f"{per_token[side] / per_token['eager']:.3f}",
+                detail + notes.get(side, ""),
+                "",
+            )
+        )
+    scratch.cleanup()
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -842,6 +941,10 @@ def main() -> None:
     parser.add_argument("--skip-compile-step", action="store_true", help="skip the torch.compile train-step row")
     parser.add_argument(
         "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory.png"), help="'' for no plot"
+
+
+    parser.add_argument(
+        "--deploy-only", action="store_true", help="only SmolLM2's per-token table of the deployed decoders"
     )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -853,6 +956,12 @@ def main() -> None:
         rows += memory_benchmark_rows(args)
         args.checkpointing_only, args.skip_meta, args.skip_generate = True, True, True
     elif args.checkpointing_only:
+
+
+    if args.deploy_only:
+        print_table(deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), load_before)
+        return
+    if args.checkpointing_only:
         rows += checkpointing_rows(llama_case(), args.steps)
     for make_case in (llama_case, minilm_case) if not args.checkpointing_only else ():
         case = make_case()
@@ -872,6 +981,9 @@ def main() -> None:
         if smollm2.available() is None:
             rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             rows += generate_speed_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
+
+
+            rows += deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5))
             print("done: SmolLM2 generation", file=sys.stderr, flush=True)
         else:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
@@ -882,8 +994,12 @@ def main() -> None:
         rows += meta_rows("7B", LLAMA_7B, 10, bare_export=True)
         rows += meta_rows("70B", LLAMA_70B, 25)
 
-    print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
-    print(f"inputs: batch {BATCH} x {SEQ} tokens; {args.steps} timed A/B rounds per row after 2 warm-up rounds\n")
+    print(f"inputs: batch {BATCH} x {SEQ} tokens; {args.steps} timed A/B rounds per row after 2 warm-up rounds")
+    print_table(rows, load_before)
+
+
+def print_table(rows: list[Row], load_before: float) -> None:
+    print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
     print("| measurement | value | detail | target |")
     print("|---|---|---|---|")
     for row in rows:

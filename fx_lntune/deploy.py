@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from fx_lntune.adapters import merge_and_unload
 from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
@@ -125,7 +126,10 @@ def export_onnx(
 
 
 def export_program(
-    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]
+    gm: torch.fx.GraphModule,
+    path: str | os.PathLike,
+    example_inputs: Mapping[str, torch.Tensor],
+    kv_cache: bool = False,
 ) -> Path:
     """Write a ``torch.export`` program (``.pt2``) of ``gm``'s merged active adapter to ``path``; return the path.
 
@@ -134,7 +138,16 @@ def export_program(
     the training IR ``torch.export.export`` gives, except for graphs with ``torch.vmap`` (transformers 4.x
     masks), which are decomposed to the inference IR because the serializer cannot hold vmap. Works on a copy:
     ``gm`` is not changed. Runs in evaluation mode (no dropout).
+
+    With ``kv_cache=True`` (a causal LM's tuned graph) the program is the decoder with past that
+    ``export_onnx(..., kv_cache=True)`` writes, in PyTorch's form: its module takes by keyword ``input_ids``,
+    ``attention_mask`` (past and new positions), ``position_ids`` where the model takes them, and
+    ``past_key_values``, a tuple of per-layer ``(key, value)`` tensors (batch, kv_heads, past_length, head_dim;
+    length 0 on the first call), and returns ``(logits, present)`` with ``present`` in the same form (past and
+    new). ``torch._inductor.aoti_compile_and_package(torch.export.load(path))`` compiles it ahead of time.
     """
+    if kv_cache:
+        return _export_program_decoder(gm, path, example_inputs)
     deployable = _prepare(gm, example_inputs)
     with _staged(path) as staging, _as_export_error("torch.export"):
         torch.export.save(_exported(deployable), str(staging))
@@ -164,6 +177,105 @@ def _export_onnx_decoder(
         program.save(str(staging), external_data=_initializer_bytes(program) >= 2**31 - 2**26)
         onnx.checker.check_model(str(staging))
     return Path(path)
+
+
+def _export_program_decoder(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor]
+) -> Path:
+    decoder = _decoder_with_past(gm, example_inputs)
+    module = _PastAsPairs(decoder.module, decoder.input_names[: len(decoder.args) - 1])
+    inputs, dims = module.example(decoder.args)
+    with _staged(path) as staging, _as_export_error("torch.export of the decoder with past"), torch.no_grad():
+        program = torch.export.export(module, (), inputs, dynamic_shapes=dims, strict=False)
+        if _has_vmap(program.graph_module):
+            program = program.run_decompositions({})
+        _widen_total_length(program)
+        torch.export.save(program, str(staging))
+        _check_least_sizes(torch.export.load(str(staging)).module(), module, inputs)
+    return Path(path)
+
+
+class _PastAsPairs(nn.Module):
+    """The decoder with past of `capture.decoder.decoder_with_past` (flat tensors in, flat out) taking its inputs
+    by keyword and its cache as per-layer ``(key, value)`` pairs, as Hugging Face's legacy cache tuple::
+
+        forward(input_ids, attention_mask, position_ids, past_key_values=((k0, v0), ...)) -> (logits, ((k0, v0), ...))
+    """
+
+    def __init__(self, step: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.step = step
+        self.names = names
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        past = tuple(tensor for pair in past_key_values for tensor in pair)
+        logits, *present = self.step(*(given[name] for name in self.names), past)
+        return logits, tuple((present[index], present[index + 1]) for index in range(0, len(present), 2))
+
+    def example(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Keyword example inputs from the decoder's flat example ``args``, and their dynamic shapes.
+
+        Export traces each dynamic size as at least 2 (sizes 0 and 1 are specialized while tracing), then widens
+        to the declared ranges: batch and sequence from 1, the past from 0 (the prompt's call). Token tensors are
+        copied: a view (the example ``position_ids`` is a slice) would add a guard on its base's size.
+        """
+        *tokens, past = args
+        inputs: dict[str, Any] = {name: value.clone() for name, value in zip(self.names, tokens, strict=True)}
+        inputs["past_key_values"] = tuple((past[index], past[index + 1]) for index in range(0, len(past), 2))
+        batch = torch.export.Dim("batch", min=1)
+        sequence = torch.export.Dim("sequence_length", min=1)
+        past_length = torch.export.Dim("past_sequence_length", min=0)
+        # The mask's length is past + sequence, which no declared range can say: export infers it (its least
+        # value as traced, 4) and `_widen_total_length` declares the true least, 1.
+        total = torch.export.Dim.AUTO
+        dims: dict[str, Any] = {name: {0: batch, 1: sequence} for name in self.names}
+        dims["attention_mask"] = {0: batch, 1: total}
+        dims["past_key_values"] = tuple(({0: batch, 2: past_length}, {0: batch, 2: past_length}) for _ in past[::2])
+        return inputs, dims
+
+
+def _widen_total_length(program: torch.export.ExportedProgram) -> None:
+    """Let the mask's length (past + new) start at 1, in place.
+
+    Export infers its least value, 4, from the past and sequence lengths as traced (each at least 2; see
+    `_PastAsPairs.example`), as a range over two dims' sum cannot be declared; the lengths the program is
+    declared for (past from 0, sequence from 1) give 1, which `_check_least_sizes` then runs.
+    """
+    from torch.utils._sympy.value_ranges import ValueRanges
+
+    mask = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name == "attention_mask")
+    length = mask.meta["val"].shape[1]
+    if isinstance(length, torch.SymInt) and length.node.expr in program.range_constraints:
+        upper = program.range_constraints[length.node.expr].upper
+        program.range_constraints[length.node.expr] = ValueRanges(1, upper)
+
+
+def _check_least_sizes(loaded: nn.Module, module: _PastAsPairs, inputs: Mapping[str, Any]) -> None:
+    """The written program, called as a user would, gives the decoder's logits and cache at the sizes export
+    never traced (see `_PastAsPairs.example`): a one-token prompt with an empty past, then one token on a past of
+    one, batch 1. Catches a size the export fixed that the declared ranges do not show."""
+    first = {name: value[:1, :1] for name, value in inputs.items() if name != "past_key_values"}
+    first["attention_mask"] = torch.ones_like(first["attention_mask"])
+    first["past_key_values"] = tuple((key[:1, :, :0], value[:1, :, :0]) for key, value in inputs["past_key_values"])
+    _, present = module(**first)
+    second = {
+        **first,
+        "attention_mask": torch.ones_like(first["attention_mask"]).repeat(1, 2),
+        "past_key_values": present,
+    }
+    if "position_ids" in second:
+        second["position_ids"] = first["position_ids"] + 1
+    for call in (first, second):
+        expected, got = module(**call), loaded(**call)
+        for want, have in zip(tree_leaves(expected), tree_leaves(got), strict=True):
+            torch.testing.assert_close(have, want, atol=1e-4, rtol=0.0)
 
 
 def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
