@@ -941,8 +941,7 @@ def main() -> None:
     parser.add_argument("--skip-compile-step", action="store_true", help="skip the torch.compile train-step row")
     parser.add_argument(
         "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory.png"), help="'' for no plot"
-
-
+    )
     parser.add_argument(
         "--deploy-only", action="store_true", help="only SmolLM2's per-token table of the deployed decoders"
     )
@@ -952,16 +951,13 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
+    if args.deploy_only:
+        print_table(deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), load_before)
+        return
     if args.only == "memory":
         rows += memory_benchmark_rows(args)
         args.checkpointing_only, args.skip_meta, args.skip_generate = True, True, True
     elif args.checkpointing_only:
-
-
-    if args.deploy_only:
-        print_table(deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), load_before)
-        return
-    if args.checkpointing_only:
         rows += checkpointing_rows(llama_case(), args.steps)
     for make_case in (llama_case, minilm_case) if not args.checkpointing_only else ():
         case = make_case()
@@ -981,8 +977,6 @@ def main() -> None:
         if smollm2.available() is None:
             rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             rows += generate_speed_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
-
-
             rows += deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5))
             print("done: SmolLM2 generation", file=sys.stderr, flush=True)
         else:
