@@ -1,4 +1,4 @@
-"""Generation with a preallocated KV cache and a compiled decode step: ``generate(gm, ..., cache_implementation="static")``.
+"""Generation with a preallocated KV cache and a compiled decode step (``cache_implementation="static"``).
 
 transformers' ``generate`` loop runs as for the default cache (`fx_lntune.generation`); only the model's forward
 differs. The prompt goes through the default step graph once; its keys/values are copied into buffers of a fixed
@@ -199,7 +199,9 @@ def _compile_options(kwargs: Mapping[str, Any], generation_config: Any) -> dict[
     return {**_DEFAULT_COMPILE, **fields}
 
 
-def _planned_length(input_ids: torch.Tensor, kwargs: Mapping[str, Any], generation_config: Any, shell: nn.Module) -> int:
+def _planned_length(
+    input_ids: torch.Tensor, kwargs: Mapping[str, Any], generation_config: Any, shell: nn.Module
+) -> int:
     """The longest sequence this call can produce, as transformers will work it out (``max_new_tokens`` over
     ``max_length``, the keyword over the given config over the model's); the buffers then never need to grow."""
     configs = [config for config in (generation_config, shell.generation_config) if config is not None]
