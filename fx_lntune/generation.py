@@ -55,6 +55,8 @@ _GENERATE_ARGUMENTS = frozenset(
         "negative_prompt_attention_mask",
         "use_model_defaults",
         "tokenizer",
+        "compile_config",  # GenerationConfig fields that transformers 4.x leaves out of to_dict() when unset
+        "disable_compile",
     }
 )
 # Arguments that would need what a step graph does not compute, or a cache other than ours.

@@ -103,10 +103,10 @@ def _without_unused_attributes(step: torch.fx.GraphModule) -> torch.fx.GraphModu
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(step.graph, {}))
     graph._codegen = copy.deepcopy(step.graph._codegen)
-    pruned = torch.fx.GraphModule(step, graph, class_name=type(step).__name__)
-    pruned.graph.eliminate_dead_code()
-    pruned.recompile()
-    return pruned
+    for node in list(graph.nodes):  # only these reads: other unused nodes may be state changes (vmap levels)
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    return torch.fx.GraphModule(step, graph, class_name=type(step).__name__)
 
 
 @dataclass
