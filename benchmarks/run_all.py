@@ -810,6 +810,113 @@ def generate_speed_rows(name: str, model: torch.nn.Module, pairs: int) -> list[R
     ]
 
 
+def _first_call_seconds(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+_STATIC_WORKER = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+import smollm2
+import fx_lntune as fl
+torch.set_num_threads(int(sys.argv[2]))
+model = smollm2.load(verbose=False)[0]
+gm = fl.lntune_transform(model, fl.LNTuningConfig())
+ids = torch.randint(100, model.config.vocab_size, (1, int(sys.argv[3])), generator=torch.Generator().manual_seed(0))
+kwargs = dict(input_ids=ids, max_new_tokens=int(sys.argv[4]), do_sample=False, pad_token_id=0)
+fl.generate(gm, **kwargs)  # the default path's first call (its step graphs), not part of the compile
+start = time.perf_counter()
+fl.generate(gm, **kwargs, cache_implementation="static")
+first = time.perf_counter() - start
+start = time.perf_counter()
+fl.generate(gm, **kwargs, cache_implementation="static")
+print(first - (time.perf_counter() - start))
+"""
+
+
+def static_generation_rows(name: str, model: torch.nn.Module, pairs: int) -> list[Row]:
+    """Per new token (the time of ``NEW_TOKENS`` tokens minus that of 1, over ``NEW_TOKENS - 1``; greedy, batch 1,
+    ``PROMPT``-token prompt), side by side: Hugging Face ``generate`` of the eager model (default cache),
+    ``fl.generate`` (default cache), ``fl.generate(cache_implementation="static")`` (Inductor-compiled step) and
+    Hugging Face's own static cache + ``torch.compile`` of the eager model; and the compile time of both compiled
+    sides: their first call less a later one, in this process (Inductor's on-disk caches as this machine has them)
+    and, for ours, in a new process once they are warm."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = model.eval()
+    gm = fl.lntune_transform(model, fl.LNTuningConfig())
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(100, model.config.vocab_size, (1, PROMPT), generator=generator)}
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    hf_compile = CompileConfig(fullgraph=True, mode="default")
+    hf_compile._compile_all_devices = True  # transformers compiles on a GPU only, unless told so
+    sides = {
+        "eager": (model.generate, {}),
+        "ours": (functools.partial(fl.generate, gm), {}),
+        "static": (functools.partial(fl.generate, gm), {"cache_implementation": "static"}),
+        "hf_static": (model.generate, {"cache_implementation": "static", "compile_config": hf_compile}),
+    }
+
+    def run(side: str, new_tokens: int) -> Callable[[], torch.Tensor]:
+        generate, extra = sides[side]
+
+        def timed() -> torch.Tensor:
+            with torch.no_grad():
+                out = generate(
+                    **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                    **extra,
+                )  # fmt: skip
+            assert out.shape[1] == PROMPT + new_tokens
+            return out
+
+        return timed
+
+    run("ours", 1)()  # the default path's step graphs, which the static path's prompt step uses too
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    compile_s = {side: _first_call_seconds(run(side, NEW_TOKENS)) for side in ("static", "hf_static")}
+    cache_note = "Inductor cache hit" if counters["inductor"]["fxgraph_cache_hit"] > hits else "Inductor cache cold"
+    tokens = {side: run(side, NEW_TOKENS)() for side in sides}
+    same = [side for side in ("ours", "static", "hf_static") if torch.equal(tokens[side], tokens["eager"])]
+    fns = {f"{side}{suffix}": run(side, n) for side in sides for suffix, n in (("", NEW_TOKENS), ("_first", 1))}
+    times = interleaved(fns, pairs, warmup=1)
+    for side in ("static", "hf_static"):
+        compile_s[side] -= statistics.median(times[side])
+    per_token = {
+        side: [(a - b) / (NEW_TOKENS - 1) for a, b in zip(times[side], times[f"{side}_first"], strict=True)]
+        for side in sides
+    }
+
+    def row(label: str, a: str, b: str, target: str) -> Row:
+        ratio = statistics.median(x / y for x, y in zip(per_token[a], per_token[b], strict=True))
+        ms = {side: 1e3 * statistics.median(per_token[side]) for side in (a, b)}
+        same_note = "same greedy tokens" if a in same else "TOKENS DIFFER from HF eager"
+        return label, f"{ratio:.3f}", f"{ms[a]:.1f} ms vs {ms[b]:.1f} ms per token; {same_note}", target
+
+    worker = subprocess.run(
+        [sys.executable, "-c", _STATIC_WORKER, str(Path(__file__).resolve().parents[1] / "examples"),
+         str(torch.get_num_threads()), str(PROMPT), str(NEW_TOKENS)],
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    warm = f"{float(worker.stdout.split()[-1]):.1f} s" if worker.returncode == 0 else "failed"
+    return [
+        row(f"{name}: per new token, fl.generate / HF generate (default caches)", "ours", "eager", "<= 1.00"),
+        row(f"{name}: per new token, fl.generate static + Inductor / HF generate", "static", "eager", "<= 0.70"),
+        row(f"{name}: per new token, HF static + torch.compile / HF generate", "hf_static", "eager", "-"),
+        row(f"{name}: per new token, fl.generate static / HF static + torch.compile", "static", "hf_static", "<= 1.00"),
+        (
+            f"{name}: compile time, fl.generate static (first call less a later one)",
+            f"{compile_s['static']:.1f} s",
+            f"{cache_note} in this process; {warm} in a new process (Inductor's caches warm); HF static + "
+            f"torch.compile: {compile_s['hf_static']:.1f} s",
+            "-",
+        ),
+    ]
+
+
 def program_generate(
     decoder: Callable, input_ids: torch.Tensor, max_new_tokens: int, empty_past: tuple
 ) -> torch.Tensor:
@@ -945,6 +1052,8 @@ def main() -> None:
     parser.add_argument(
         "--deploy-only", action="store_true", help="only SmolLM2's per-token table of the deployed decoders"
     )
+    parser.add_argument("--skip-static", action="store_true", help="skip the static-cache generation rows (compiles)")
+    parser.add_argument("--static-only", action="store_true", help="only the static-cache generation rows (SmolLM2)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
@@ -952,8 +1061,19 @@ def main() -> None:
 
     rows: list[Row] = []
     if args.deploy_only:
-        print_table(deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), load_before)
+        print_table(
+            deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), args.steps, load_before
+        )
         return
+    if args.static_only:
+        rows += static_generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 10))
+    else:
+        rows += all_rows(args)
+    print_table(rows, args.steps, load_before)
+
+
+def all_rows(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
     if args.only == "memory":
         rows += memory_benchmark_rows(args)
         args.checkpointing_only, args.skip_meta, args.skip_generate = True, True, True
@@ -978,6 +1098,8 @@ def main() -> None:
             rows += generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             rows += generate_speed_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             rows += deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5))
+            if not args.skip_static:
+                rows += static_generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
             print("done: SmolLM2 generation", file=sys.stderr, flush=True)
         else:
             rows.append(("SmolLM2-135M: generation rows", "-", f"skipped: {smollm2.available()}", ""))
@@ -987,13 +1109,12 @@ def main() -> None:
     if not args.skip_meta and not args.checkpointing_only:
         rows += meta_rows("7B", LLAMA_7B, 10, bare_export=True)
         rows += meta_rows("70B", LLAMA_70B, 25)
-
-    print(f"inputs: batch {BATCH} x {SEQ} tokens; {args.steps} timed A/B rounds per row after 2 warm-up rounds")
-    print_table(rows, load_before)
+    return rows
 
 
-def print_table(rows: list[Row], load_before: float) -> None:
-    print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
+def print_table(rows: list[Row], steps: int, load_before: float) -> None:
+    print(f"machine: {machine()}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end")
+    print(f"inputs: batch {BATCH} x {SEQ} tokens; {steps} timed A/B rounds per row after 2 warm-up rounds\n")
     print("| measurement | value | detail | target |")
     print("|---|---|---|---|")
     for row in rows:

@@ -44,6 +44,7 @@ from fx_lntune.capture.decoder import (
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneGenerationError
 from fx_lntune.state import LNTuneState, get_state
+from fx_lntune.static_decode import STATIC, generate_static, is_requested
 
 __all__ = ["generate", "generation_state", "decoder_for", "Decoder"]
 
@@ -61,13 +62,16 @@ _GENERATE_ARGUMENTS = frozenset(
         "negative_prompt_attention_mask",
         "use_model_defaults",
         "tokenizer",
+        "compile_config",  # GenerationConfig fields that transformers 4.x leaves out of to_dict() when unset
+        "disable_compile",
     }
 )
 # Arguments that would need what a step graph does not compute, or a cache other than ours.
 _REFUSED = {
     "output_attentions": "the step graphs return logits and the cache only",
     "output_hidden_states": "the step graphs return logits and the cache only",
-    "cache_implementation": "fx_lntune.generate always decodes with its own dynamic KV cache",
+    "cache_implementation": "fx_lntune.generate decodes with its own dynamic KV cache, or with a preallocated one "
+    "and a compiled step for cache_implementation='static'",
     "cache_config": "fx_lntune.generate always decodes with its own dynamic KV cache",
     "use_cache": "fx_lntune.generate always decodes with its own dynamic KV cache",
     "assistant_model": "assisted generation is not supported",
@@ -100,6 +104,8 @@ def generate(
     step. The step graphs are captured at the first call (a few seconds: three layers traced, the rest copied;
     logged at INFO level) and kept. For an encoder-decoder,
     ``input_ids`` go to the encoder (once) and ``decoder_input_ids`` may start the decoder. ``gm`` is not changed.
+    ``cache_implementation="static"`` (decoder-only models) decodes with preallocated buffers and a step compiled by
+    ``torch.compile`` (`fx_lntune.static_decode`; ``disable_compile``, ``compile_config`` as transformers takes them).
     A tokenizer's output (a ``BatchEncoding`` or dict) may come as ``input_ids``: it is read as ``**enc``.
 
     Raises:
@@ -120,7 +126,10 @@ def generate(
             f"generate needs input_ids, a 2-D tensor of token ids (batch, sequence); got "
             f"{type(input_ids).__name__ if not isinstance(input_ids, torch.Tensor) else tuple(input_ids.shape)}."
         )
-    return decoder_for(gm, state).generate(input_ids, attention_mask, generation_config, kwargs)
+    decoder = decoder_for(gm, state)
+    if is_requested(kwargs, generation_config):
+        return generate_static(decoder, input_ids, attention_mask, generation_config, kwargs)
+    return decoder.generate(input_ids, attention_mask, generation_config, kwargs)
 
 
 # One Decoder per tuned graph, dropped with the graph; a copy of the graph captures its own.
@@ -197,7 +206,8 @@ def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images
     from transformers import GenerationConfig
 
     for name, reason in _REFUSED.items():
-        if name in kwargs and kwargs[name] not in (None, False) and not (name == "use_cache" and kwargs[name] is True):
+        allowed = {"use_cache": (None, False, True), "cache_implementation": (None, STATIC)}.get(name, (None, False))
+        if name in kwargs and kwargs[name] not in allowed:
             raise LNTuneGenerationError(f"generate argument {name}={kwargs[name]!r} is not supported: {reason}.")
     known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS | set(_REFUSED)
     if encoder_decoder:

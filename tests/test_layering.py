@@ -45,6 +45,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "fx_lntune.api",
             "fx_lntune.layer_graphs",
             "fx_lntune.generation",
+            "fx_lntune.static_decode",
         ),
     ),
     (
