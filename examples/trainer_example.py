@@ -4,8 +4,8 @@ Run: ``python examples/trainer_example.py`` (about a minute on 2 CPU cores). The
 itself, with `Trainer`'s defaults: it takes the tokenizer's whole output and ``labels`` by keyword and returns the
 model's own loss, so `DataCollatorWithPadding` and the default ``remove_unused_columns=True`` work and no
 ``compute_loss`` is needed. `Trainer` builds its optimizer from the parameters that require grad (the adapter's norm
-copies and the classifier copy) and checkpoints with its default save strategy; `fl.adapter_checkpoints(trainer)`
-makes each checkpoint hold the adapter in PEFT's files (as a ``PeftModel``'s) instead of the whole state dict.
+copies and the classifier copy) and checkpoints with its default save strategy: each checkpoint holds the adapter
+in PEFT's files (as a ``PeftModel``'s), not the whole state dict.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ def main() -> None:
     trainer = Trainer(
         model=gm, args=training_args, train_dataset=rows, data_collator=DataCollatorWithPadding(tokenizer)
     )
-    fl.adapter_checkpoints(trainer)  # checkpoints hold the adapter in PEFT's files, not the frozen base
     trainer.train()
     print(f"accuracy after:  {accuracy(gm, tokenizer, test):.3f} on {len(test)} held-out sentences")
 

@@ -18,6 +18,7 @@ import torch.fx
 from fx_lntune import adapters, api, generation, layer_graphs, persistence
 from fx_lntune.errors import LNTuneAdapterError, LNTuneConfigError, LNTuneError
 from fx_lntune.state import get_state, register_class_hooks
+from fx_lntune.trainer import install_trainer_hooks
 
 __all__ = ["TunedGraphModule", "with_methods", "without_methods"]
 
@@ -181,7 +182,9 @@ def _per_instance(base: type, name: str) -> type:
 
 
 def with_methods(gm: torch.fx.GraphModule) -> None:
-    """Give ``gm`` the class `TunedGraphModule` (in place; its name, code and state unchanged)."""
+    """Give ``gm`` the class `TunedGraphModule` (in place; its name, code and state unchanged), and the stock
+    ``Trainer`` its checkpoints of adapters (`fx_lntune.trainer.install_trainer_hooks`)."""
+    install_trainer_hooks()
     if not isinstance(gm, TunedGraphModule):
         gm.__class__ = _per_instance(TunedGraphModule, type(gm).__name__)
         gm.recompile()

@@ -2,11 +2,14 @@
 
 The stock ``Trainer`` saves a model's adapter alone only for an ``isinstance`` of ``PreTrainedModel`` or
 ``peft.PeftModel`` (its ``_save``, ``_load_from_checkpoint`` and ``_load_best_model``); any other module gets its
-whole state dict written. `adapter_checkpoints` gives one ``Trainer`` instance PEFT's behaviour for a tuned graph.
+whole state dict written. `install_trainer_hooks` (run when a tuned graph is made) gives the stock ``Trainer`` class
+PEFT's behaviour for a tuned graph, and Trainer's own for any other model; `adapter_checkpoints` does the same for
+one instance (a Trainer subclass that overrides these methods).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -19,20 +22,54 @@ from fx_lntune.errors import LNTuneStateError
 from fx_lntune.persistence import CONFIG_NAME, WEIGHTS_NAME, load_adapter_weights, save_adapter
 from fx_lntune.state import get_state
 
-__all__ = ["adapter_checkpoints"]
+__all__ = ["adapter_checkpoints", "install_trainer_hooks"]
 
 _logger = logging.getLogger(__name__)
 # What Trainer's own _save writes for a module it cannot save_pretrained: here an empty placeholder, removed.
 _FULL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HOOKED = "_fx_lntune_adapter_checkpoints"
 _TRAINER_METHODS = ("_save", "_load_from_checkpoint", "_load_best_model")
+_CLASS_HOOKED = "_fx_lntune_trainer_hooks"
+
+
+def install_trainer_hooks() -> None:
+    """Make the stock ``transformers.Trainer`` checkpoint a tuned graph as `adapter_checkpoints` describes, with no
+    line of the user's: its ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` are wrapped once per
+    process, and each wrapper runs Trainer's own code for any model that is not a tuned graph.
+
+    Why on the class: Trainer decides by ``isinstance(model, (PreTrainedModel, PeftModel))`` alone (transformers
+    4.57 and 5.x) and asks the model nothing a tuned graph could answer, so without this every checkpoint holds the
+    whole state dict. Called when a tuned graph is made (`fx_lntune.methods.with_methods`); idempotent.
+    """
+    try:
+        from transformers import Trainer  # already imported with transformers' models; accelerate comes with it
+    except ImportError:  # Trainer's own dependencies missing: nothing to hook
+        return
+    if Trainer.__dict__.get(_CLASS_HOOKED):
+        return
+    wrappers = {"_save": _saving, "_load_from_checkpoint": _loading_checkpoint, "_load_best_model": _loading_best}
+    for name, wrap in wrappers.items():
+        setattr(Trainer, name, _class_hook(getattr(Trainer, name), wrap))
+    setattr(Trainer, _CLASS_HOOKED, True)
+
+
+def _class_hook(original: Callable[..., Any], wrap: Callable[..., Callable[..., Any]]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(_HOOKED):  # adapter_checkpoints' instance wrappers call back here for Trainer's own code
+            return original(self, *args, **kwargs)
+        return wrap(self, functools.partial(original, self))(*args, **kwargs)
+
+    return hooked
 
 
 def adapter_checkpoints(trainer: Any) -> None:
     """Make ``trainer`` checkpoint its tuned graph's adapters in PEFT's files instead of the whole state dict.
 
-    In place, on this ``transformers.Trainer`` instance only (no subclass, no global patch); calling it again
-    changes nothing. Afterwards, while ``trainer.model`` is a graph made by `fx_lntune.lntune_transform`:
+    In place, on this ``transformers.Trainer`` instance only; calling it again changes nothing. The stock Trainer
+    does this by itself once a tuned graph exists (`install_trainer_hooks`); call it for a Trainer subclass that
+    overrides ``_save``, ``_load_from_checkpoint`` or ``_load_best_model``. Afterwards, while ``trainer.model`` is a
+    graph made by `fx_lntune.lntune_transform`:
 
     - every checkpoint and ``trainer.save_model()`` hold what ``PeftModel.save_pretrained`` writes
       (``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md``; the adapter ``default`` in the

@@ -96,7 +96,8 @@ def test_trainer_checkpoints_a_tied_model_and_resumes(tmp_path):
     trainer = transformers.Trainer(model=gm, args=_args(tmp_path, 4, save_steps=2), train_dataset=rows)
     trainer.train()  # checkpoints at steps 2 and 4 with the default save strategy
     checkpoint = tmp_path / "checkpoint-4"
-    assert (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # the adapter, not the tied weights
+    assert not (checkpoint / "model.safetensors").exists()
     assert gm.get_submodule("lm_head").weight is gm.get_submodule("model.embed_tokens").weight  # still tied
 
     fresh = fl.lntune_transform(model, fl.LNTuningConfig())
@@ -245,11 +246,19 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
     assert all(param is dict(gm.named_parameters())[name] for name, param in parameters.items())
 
 
-def test_adapter_checkpoints_load_a_whole_state_dict_checkpoint_and_refuse_a_plain_model(tmp_path):
+def test_the_stock_trainer_checkpoints_adapters_and_loads_a_whole_state_dict_checkpoint(tmp_path):
     _, gm = captured("llama")
-    plain = transformers.Trainer(model=gm, args=_args(tmp_path, 2, save_steps=2), train_dataset=_llama_rows())
-    plain.train()  # without the call: Trainer's own whole state dict
-    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    stock = transformers.Trainer(model=gm, args=_args(tmp_path, 2, save_steps=2), train_dataset=_llama_rows())
+    stock.train()  # no adapter_checkpoints call: the class hooks installed with the tuned graph do it
+    checkpoint = tmp_path / "checkpoint-2"
+    assert sorted(os.listdir(checkpoint)) == _CHECKPOINT_FILES
+    assert "_save" not in stock.__dict__  # the class's hook, not an instance patch
+    # A checkpoint as earlier releases wrote it (Trainer's whole state dict under the graph's names) still resumes.
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        (checkpoint / name).unlink()
+    safetensors.torch.save_file(
+        {name: value.contiguous() for name, value in gm.state_dict().items()}, checkpoint / "model.safetensors"
+    )
     _, fresh = captured("llama")
     resumed = _tuned_trainer(fresh, tmp_path, 2, save_steps=2)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
