@@ -238,7 +238,8 @@ def attention_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor | Non
     if mask.dtype != torch.bool or not like.is_floating_point():
         return mask
     length = mask.shape[-1]
-    if not is_tracing(mask) and mask.shape[-2] == length:
+    # Values are read only where there are any (not on the meta device) and no tracer sees them.
+    if mask.device.type != "meta" and not is_tracing(mask) and mask.shape[-2] == length:
         causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
         if bool((mask == causal).all()):
             return None
