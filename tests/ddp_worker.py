@@ -112,10 +112,10 @@ def main() -> None:
         dist.barrier()  # no rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
-    _exit_before_interpreter_teardown()
+    exit_before_interpreter_teardown()
 
 
-def _exit_before_interpreter_teardown() -> None:
+def exit_before_interpreter_teardown() -> None:
     """End a rank that finished cleanly without Python's interpreter finalization.
 
     ``destroy_process_group`` does not stop gloo's C++ threads (two ``pt_gloo_runloop`` workers and the

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import transformers
-from ddp_worker import global_batch, train, tuned_llama
+from ddp_worker import exit_before_interpreter_teardown, global_batch, train, tuned_llama
 from models import make_config, make_inputs
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -100,8 +100,10 @@ def main() -> None:
         if dist.get_rank() == 0:
             (args.out / "fsdp_layers.json").write_text(json.dumps(report))
             torch.save(state, args.out / "fsdp_layers.pt")
+        dist.barrier()  # no rank tears down while the other still communicates
     finally:
         dist.destroy_process_group()
+    exit_before_interpreter_teardown()  # gloo's threads outlive the group: see ddp_worker
 
 
 if __name__ == "__main__":
