@@ -12,6 +12,7 @@ import copy
 import operator
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -26,7 +27,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from fx_lntune.adapters import merge_and_unload
-from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
+from fx_lntune.capture.decoder import GENERATION_KEY, DecoderWithPast, decoder_with_past, seq2seq_with_past
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
@@ -96,6 +97,16 @@ def export_onnx(
     on the first call); outputs ``logits`` and ``present.{i}.key/value`` (past and new). It computes what the
     graph computes now (the merged adapter, else the active one; the base inside `disable_adapters`).
 
+    For an encoder-decoder (t5, bart) ``path`` is a directory, and ``kv_cache=True`` writes optimum's three files
+    into it (made if it does not exist; other files in it are left alone): ``encoder_model.onnx`` (``input_ids``,
+    ``attention_mask`` -> ``last_hidden_state``), ``decoder_model.onnx``, the first decoder step (``input_ids``,
+    ``encoder_attention_mask``, ``encoder_hidden_states`` -> ``logits``, ``present.{i}.decoder.key/value``,
+    ``present.{i}.encoder.key/value``) and ``decoder_with_past_model.onnx``, each later step (``input_ids``,
+    ``encoder_attention_mask``, ``past_key_values.{i}.decoder.key/value``, ``past_key_values.{i}.encoder.key/value``
+    -> ``logits``, ``present.{i}.decoder.key/value``). ``example_inputs``: one batch of the encoder's
+    ``input_ids`` and ``attention_mask`` (other inputs are not used). The files appear only once all three are
+    written and checked.
+
     Uses the exporter PyTorch recommends (``torch.onnx.export(..., dynamo=True)``, built on `torch.export`).
     The model's inputs carry the graph's input names and its outputs the model's output names; the batch
     (``batch``) and sequence (``sequence``, ``decoder_sequence``) axes are dynamic. The file is checked with
@@ -103,6 +114,8 @@ def export_onnx(
     Works on a copy: ``gm`` is not changed. Runs in evaluation mode (no dropout).
     """
     onnx = _import_onnx()
+    if kv_cache and getattr(getattr(gm, "config", None), "is_encoder_decoder", False):
+        return _export_onnx_seq2seq(gm, path, example_inputs, onnx)
     if kv_cache:
         return _export_onnx_decoder(gm, path, example_inputs, onnx)
     deployable = _prepare(gm, example_inputs)
@@ -163,20 +176,36 @@ def _export_onnx_decoder(
         _as_export_error("ONNX export of the decoder with past"),
         _evaluation_mode(decoder.module),
     ):
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
-            program = torch.onnx.export(
-                decoder.module,
-                decoder.args,
-                dynamo=True,
-                input_names=decoder.input_names,
-                output_names=decoder.output_names,
-                dynamic_shapes={"args": decoder.dynamic_shapes},
-                verbose=False,
-            )
-        program.save(str(staging), external_data=_initializer_bytes(program) >= 2**31 - 2**26)
-        onnx.checker.check_model(str(staging))
+        _write_onnx_step(decoder, staging, onnx)
     return Path(path)
+
+
+def _export_onnx_seq2seq(
+    gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor], onnx: Any
+) -> Path:
+    steps = _seq2seq_with_past(gm, example_inputs)
+    with _staged_directory(path) as staging, _evaluation_mode(nn.ModuleList(s.module for s in steps.values())):
+        for stem, step in steps.items():
+            with _as_export_error(f"ONNX export of {stem}.onnx"):
+                _write_onnx_step(step, staging / f"{stem}.onnx", onnx)
+    return Path(path)
+
+
+def _write_onnx_step(step: DecoderWithPast, path: Path, onnx: Any) -> None:
+    """Export ``step`` (flat tensors in and out, optimum's names) to ``path`` and check the file."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")
+        program = torch.onnx.export(
+            step.module,
+            step.args,
+            dynamo=True,
+            input_names=step.input_names,
+            output_names=step.output_names,
+            dynamic_shapes={"args": step.dynamic_shapes},
+            verbose=False,
+        )
+    program.save(str(path), external_data=_initializer_bytes(program) >= 2**31 - 2**26)
+    onnx.checker.check_model(str(path))
 
 
 def _export_program_decoder(
@@ -278,27 +307,56 @@ def _check_least_sizes(loaded: nn.Module, module: _PastAsPairs, inputs: Mapping[
             torch.testing.assert_close(have, want, atol=1e-4, rtol=0.0)
 
 
-def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> Any:
+def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> DecoderWithPast:
     """The decoder step of `capture.decoder.decoder_with_past` for a tuned causal LM; clear errors otherwise."""
+    state = _generating_state(gm, example_inputs)
+    if gm.config.is_encoder_decoder:
+        raise LNTuneExportError(
+            f"export_program(kv_cache=True) writes a causal LM's decoder with past, but {state.model_class} is an "
+            "encoder-decoder; export_onnx(gm, directory, example_inputs, kv_cache=True) writes its encoder and "
+            "decoders in optimum's layout, or export it without kv_cache."
+        )
+    return decoder_with_past(gm, state, example_inputs, decoder_for(gm, state).layout)
+
+
+def _seq2seq_with_past(
+    gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]
+) -> dict[str, DecoderWithPast]:
+    """The three steps of `capture.decoder.seq2seq_with_past` for a tuned text encoder-decoder; clear errors
+    otherwise."""
+    state = _generating_state(gm, example_inputs)
+    main_input = state.extra[GENERATION_KEY]["model_class"].main_input_name
+    if main_input != "input_ids":
+        raise LNTuneExportError(
+            f"kv_cache=True writes a text encoder-decoder's files (input_ids in), but {state.model_class} takes "
+            f"{main_input!r}; export it without kv_cache, or use apply_to_model and optimum's own exporter."
+        )
+    names = [name for name in ("input_ids", "attention_mask") if isinstance(example_inputs.get(name), torch.Tensor)]
+    # One example of batch or length 1 is enough, as for lntune_transform: export would fix such an axis to 1.
+    inputs = grow_size_one({name: example_inputs[name] for name in names})
+    return seq2seq_with_past(gm, state, inputs, decoder_for(gm, state).layout)
+
+
+def _generating_state(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> LNTuneState:
+    """The state of a tuned graph that can generate, with ``input_ids`` in ``example_inputs``; clear errors
+    otherwise."""
     state = gm.meta.get(META_KEY) if isinstance(gm, torch.fx.GraphModule) else None
     if not isinstance(state, LNTuneState):
         raise LNTuneExportError(
             "kv_cache=True needs the tuned graph lntune_transform returned (it rebuilds the decoder step from the "
             "model's config); merge in place with merge_adapter instead of merge_and_unload."
         )
-    config = getattr(gm, "config", None)
-    if GENERATION_KEY not in state.extra or config is None or getattr(config, "is_encoder_decoder", False):
-        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "not a causal language model"
+    if GENERATION_KEY not in state.extra or getattr(gm, "config", None) is None:
         raise LNTuneExportError(
-            f"kv_cache=True writes a decoder with past for a causal LM, but {state.model_class or 'this model'} is "
-            f"{kind}; export it without kv_cache."
+            "kv_cache=True writes a decoder with past for a causal LM (an encoder-decoder's encoder and decoders), "
+            f"but {state.model_class or 'this model'} is not a language model that generates; export it without "
+            "kv_cache."
         )
     if not isinstance(example_inputs, Mapping) or not isinstance(example_inputs.get("input_ids"), torch.Tensor):
         raise LNTuneExportError(
             "kv_cache=True needs example_inputs with 'input_ids' (and 'attention_mask'): one batch of prompts."
         )
-    layout = decoder_for(gm, state).layout
-    return decoder_with_past(gm, state, example_inputs, layout)
+    return state
 
 
 @contextlib.contextmanager
@@ -567,6 +625,47 @@ def _staged(path: str | os.PathLike) -> Iterator[Path]:
         yield staging / target.name
         for file in sorted(staging.iterdir(), key=lambda file: file.name == target.name):
             os.replace(file, target.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staged_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A new directory beside ``path`` to write files into; once the block succeeds it becomes ``path`` (one rename)
+    or, where ``path`` is a directory already, its files move into it (each replacing its namesake; other files stay).
+    Nothing of them is left when the block fails, and ``path`` is then as it was."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise LNTuneExportError(
+            f"{str(target)!r} is a file; an encoder-decoder's kv_cache=True export writes three files "
+            "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) into a directory: pass a "
+            "directory path."
+        )
+    if target.suffix == ".onnx" and not target.exists():
+        raise LNTuneExportError(
+            f"{str(target)!r} names a file, but an encoder-decoder's kv_cache=True export writes three files "
+            "(encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx) into a directory: pass a "
+            "directory path, e.g. 'onnx/'."
+        )
+    if not target.parent.is_dir():
+        blocking = file_in_the_way(target)
+        if blocking is not None:
+            raise LNTuneExportError(
+                f"cannot write into {str(target)!r}: {str(blocking)!r} is a file, not a directory; choose a path in a "
+                "directory."
+            )
+        raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
+    # Made as any directory is (the umask applies, unlike mkdtemp's 0o700), since it may become ``path`` itself.
+    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        if not target.exists():
+            with contextlib.suppress(OSError):  # made meanwhile by someone else: move the files in as below
+                os.rename(staging, target)
+                return
+        for file in sorted(staging.iterdir()):
+            os.replace(file, target / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

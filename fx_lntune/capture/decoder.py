@@ -12,6 +12,9 @@ back into ``call_module`` nodes of those dispatch modules (`passes.fold.fold_mod
 
     seq2seq: decoder_step(decoder_input_ids, encoder_hidden_states, attention_mask, past, cross=None)
         -> (logits, *present, *cross)   # cross (encoder keys/values) only while cross=None: the first step
+
+For export, `decoder_with_past` (a causal LM) and `seq2seq_with_past` (an encoder-decoder's three steps) give the
+same step functions over a shell whose dispatch modules are replaced by their current route, with optimum's names.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
     "seq2seq_step",
     "DecoderWithPast",
     "decoder_with_past",
+    "seq2seq_with_past",
 ]
 
 log = logging.getLogger(__name__)
@@ -476,8 +480,8 @@ def _drop_dead_code(graph: torch.fx.Graph) -> None:
 
 @dataclass
 class DecoderWithPast:
-    """A causal LM's decoder step in optimum's layout, ready for an exporter: ``module(*args)`` returns
-    ``(logits, present.0.key, present.0.value, ...)``; names and dynamic axes per flat input and output."""
+    """A step in optimum's layout, ready for an exporter: ``module(*args)`` returns its outputs flat (a causal LM's
+    decoder: ``(logits, present.0.key, present.0.value, ...)``); names and dynamic axes per flat input and output."""
 
     module: nn.Module
     args: tuple[Any, ...]
@@ -494,21 +498,14 @@ def decoder_with_past(
     ``position_ids`` where the model takes them, ``past_key_values.{i}.key/value`` (batch, kv_heads,
     past_length, head_dim); outputs ``logits`` and ``present.{i}.key/value``. Example past has length 2.
     Shares ``gm``'s tensors; ``gm`` is not changed."""
-    shell = model_shell(gm, state)
-    for path, module in dispatch_modules(shell).items():
-        parent, _, name = path.rpartition(".")
-        shell.get_submodule(parent)._modules[name] = module._route
+    shell = _routed_shell(gm, state)
     positions = "position_ids" in inspect.signature(type(shell).forward).parameters
     step = causal_step(shell, last_only=False)
     ids, mask = example_inputs["input_ids"], example_inputs.get("attention_mask")
     batch, past_length = ids.shape[0], 2
     mask = torch.ones_like(ids) if mask is None else mask
     mask = torch.cat([torch.ones(batch, past_length, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    past = tuple(
-        torch.zeros(batch, heads, past_length, dim, dtype=layout.dtype, device=ids.device)
-        for heads, dim in layout.self_attention
-        for _ in range(2)
-    )
+    past = _zeros(batch, layout.self_attention, past_length, layout.dtype, ids.device)
     layers = len(layout.self_attention)
     past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     past_axes = tuple({0: "batch_size", 2: "past_sequence_length"} for _ in past)
@@ -532,3 +529,103 @@ def decoder_with_past(
     outputs = ["logits", *(f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value"))]
     module = _Traced(shell, function)  # shell is in eval mode; the shared norms keep gm's mode
     return DecoderWithPast(module, args, [*names, *past_names], outputs, dynamic)
+
+
+def _routed_shell(gm: torch.fx.GraphModule, state: LNTuneState) -> nn.Module:
+    """`model_shell` with each dispatch module replaced by the module it routes to now (active, merged or base):
+    what ``gm`` computes now, with no dispatch module left for an exporter to trace through."""
+    shell = model_shell(gm, state)
+    for path, module in dispatch_modules(shell).items():
+        parent, _, name = path.rpartition(".")
+        shell.get_submodule(parent)._modules[name] = module._route
+    return shell
+
+
+def seq2seq_with_past(
+    gm: torch.fx.GraphModule, state: LNTuneState, example_inputs: Mapping[str, torch.Tensor], layout: CacheLayout
+) -> dict[str, DecoderWithPast]:
+    """What an encoder-decoder ``gm`` computes now (each dispatch module's current route) as optimum's three steps,
+    keyed by their file stems, the caches ordered layer by layer as optimum orders them:
+
+    - ``encoder_model``: ``input_ids``, ``attention_mask`` -> ``last_hidden_state``;
+    - ``decoder_model``, the first step: ``input_ids``, ``encoder_attention_mask``, ``encoder_hidden_states``
+      -> ``logits``, ``present.{i}.decoder.key/value`` (self-attention), ``present.{i}.encoder.key/value``
+      (cross-attention, computed once from the encoder's output);
+    - ``decoder_with_past_model``: ``input_ids``, ``encoder_attention_mask``, ``past_key_values.{i}.decoder.key/
+      value`` (batch, heads, past_length, head_dim), ``past_key_values.{i}.encoder.key/value`` (batch, heads,
+      encoder_length, head_dim) -> ``logits``, ``present.{i}.decoder.key/value`` (past and new).
+
+    They run `encoder_forward` and `seq2seq_step`, as `fl.generate` does. ``example_inputs``: the encoder's example
+    (``input_ids``, ``attention_mask``; batch and length at least 2); the decoder's examples are made here. Shares
+    ``gm``'s tensors; ``gm`` is not changed."""
+    shell = _routed_shell(gm, state)
+    ids = example_inputs["input_ids"]
+    mask = example_inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    encode, step = encoder_forward(shell), seq2seq_step(shell)
+    with torch.no_grad():
+        hidden = encode(shell, ids, mask)
+    kinds, layers = ("key", "value"), len(layout.self_attention)
+    count = 2 * layers
+
+    def by_layer(own: Sequence[torch.Tensor], cross: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """All layers' self-attention tensors, then all cross-attention ones -> per layer: self, then cross."""
+        return tuple(tensor for i in range(layers) for tensor in (*own[2 * i : 2 * i + 2], *cross[2 * i : 2 * i + 2]))
+
+    def first(model, input_ids, encoder_attention_mask, encoder_hidden_states):
+        empty = layout.empty_past(input_ids.shape[0], input_ids.device)
+        logits, *rest = step(model, input_ids, encoder_hidden_states, encoder_attention_mask, empty)
+        return (logits, *by_layer(rest[:count], rest[count:]))
+
+    def with_past(model, input_ids, encoder_attention_mask, past):
+        own = tuple(tensor for index, tensor in enumerate(past) if index % 4 < 2)
+        cross = tuple(tensor for index, tensor in enumerate(past) if index % 4 >= 2)
+        # With the cross-attention cache given, the model reads only the encoder output's shape (for its masks).
+        shape = (input_ids.shape[0], encoder_attention_mask.shape[1], hidden.shape[-1])
+        return step(model, input_ids, cross[0].new_zeros(shape), encoder_attention_mask, own, cross)
+
+    # Example lengths of the decoder's axes: any of at least 2 (export would fix a size 0 or 1).
+    batch, first_length, past_length, new_length = ids.shape[0], 3, 4, 2
+    past = by_layer(
+        _zeros(batch, layout.self_attention, past_length, layout.dtype, ids.device),
+        _zeros(batch, layout.cross_attention, ids.shape[1], layout.dtype, ids.device),
+    )
+    cache = [f"{i}.{part}.{kind}" for i in range(layers) for part in ("decoder", "encoder") for kind in kinds]
+    encoder_axes = {0: "batch_size", 1: "encoder_sequence_length"}
+    decoder_axes = {0: "batch_size", 1: "decoder_sequence_length"}
+    past_axes = tuple(
+        {0: "batch_size", 2: "past_decoder_sequence_length" if ".decoder." in name else "encoder_sequence_length"}
+        for name in cache
+    )
+    return {
+        "encoder_model": DecoderWithPast(
+            _Traced(shell, encode),
+            (ids, mask),
+            ["input_ids", "attention_mask"],
+            ["last_hidden_state"],
+            (encoder_axes, encoder_axes),
+        ),
+        "decoder_model": DecoderWithPast(
+            _Traced(shell, first),
+            (torch.zeros(batch, first_length, dtype=torch.long, device=ids.device), mask, hidden),
+            ["input_ids", "encoder_attention_mask", "encoder_hidden_states"],
+            ["logits", *(f"present.{name}" for name in cache)],
+            (decoder_axes, encoder_axes, encoder_axes),
+        ),
+        "decoder_with_past_model": DecoderWithPast(
+            _Traced(shell, with_past),
+            (torch.zeros(batch, new_length, dtype=torch.long, device=ids.device), mask, past),
+            ["input_ids", "encoder_attention_mask", *(f"past_key_values.{name}" for name in cache)],
+            ["logits", *(f"present.{name}" for name in cache if ".decoder." in name)],
+            (decoder_axes, encoder_axes, past_axes),
+        ),
+    }
+
+
+def _zeros(
+    batch: int, shapes: Sequence[tuple[int, int]], length: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Cache tensors of ``length`` positions, key and value per layer of ``shapes`` ((heads, head_dim) each)."""
+    return tuple(
+        torch.zeros(batch, heads, length, dim, dtype=dtype, device=device) for heads, dim in shapes for _ in "kv"
+    )
