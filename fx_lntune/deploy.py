@@ -183,11 +183,14 @@ def _export_onnx_decoder(
 def _export_onnx_seq2seq(
     gm: torch.fx.GraphModule, path: str | os.PathLike, example_inputs: Mapping[str, torch.Tensor], onnx: Any
 ) -> Path:
-    steps = _seq2seq_with_past(gm, example_inputs)
-    with _staged_directory(path) as staging, _evaluation_mode(nn.ModuleList(s.module for s in steps.values())):
-        for stem, step in steps.items():
-            with _as_export_error(f"ONNX export of {stem}.onnx"):
-                _write_onnx_step(step, staging / f"{stem}.onnx", onnx)
+    state = _seq2seq_state(gm, example_inputs)
+    with _staged_directory(path) as staging:  # the path is checked before the steps are built
+        with _as_export_error("running the encoder on example_inputs"):
+            steps = _seq2seq_with_past(gm, state, example_inputs)
+        with _evaluation_mode(nn.ModuleList(step.module for step in steps.values())):
+            for stem, step in steps.items():
+                with _as_export_error(f"ONNX export of {stem}.onnx"):
+                    _write_onnx_step(step, staging / f"{stem}.onnx", onnx)
     return Path(path)
 
 
@@ -319,11 +322,8 @@ def _decoder_with_past(gm: torch.fx.GraphModule, example_inputs: Mapping[str, to
     return decoder_with_past(gm, state, example_inputs, decoder_for(gm, state).layout)
 
 
-def _seq2seq_with_past(
-    gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]
-) -> dict[str, DecoderWithPast]:
-    """The three steps of `capture.decoder.seq2seq_with_past` for a tuned text encoder-decoder; clear errors
-    otherwise."""
+def _seq2seq_state(gm: torch.fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> LNTuneState:
+    """The state of a tuned text encoder-decoder that can generate; clear errors otherwise."""
     state = _generating_state(gm, example_inputs)
     main_input = state.extra[GENERATION_KEY]["model_class"].main_input_name
     if main_input != "input_ids":
@@ -331,6 +331,13 @@ def _seq2seq_with_past(
             f"kv_cache=True writes a text encoder-decoder's files (input_ids in), but {state.model_class} takes "
             f"{main_input!r}; export it without kv_cache, or use apply_to_model and optimum's own exporter."
         )
+    return state
+
+
+def _seq2seq_with_past(
+    gm: torch.fx.GraphModule, state: LNTuneState, example_inputs: Mapping[str, torch.Tensor]
+) -> dict[str, DecoderWithPast]:
+    """The three steps of `capture.decoder.seq2seq_with_past` of ``gm`` (checked by `_seq2seq_state`)."""
     names = [name for name in ("input_ids", "attention_mask") if isinstance(example_inputs.get(name), torch.Tensor)]
     # One example of batch or length 1 is enough, as for lntune_transform: export would fix such an axis to 1.
     inputs = grow_size_one({name: example_inputs[name] for name in names})
