@@ -12,8 +12,6 @@ import copy
 import operator
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from fx_lntune.capture.decoder import GENERATION_KEY, decoder_with_past
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
-from fx_lntune.files import file_in_the_way
+from fx_lntune.files import file_in_the_way, staged_files
 from fx_lntune.generation import decoder_for
 from fx_lntune.inputs import dynamic_shapes_for, grow_size_one
 from fx_lntune.passes._graphs import graph_modules
@@ -562,13 +560,8 @@ def _staged(path: str | os.PathLike) -> Iterator[Path]:
                 "directory."
             )
         raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_files(target.parent, last=target.name) as staging:
         yield staging / target.name
-        for file in sorted(staging.iterdir(), key=lambda file: file.name == target.name):
-            os.replace(file, target.parent / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
