@@ -12,9 +12,6 @@ import copy
 import operator
 import os
 import re
-import secrets
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from fx_lntune.capture.decoder import GENERATION_KEY, DecoderWithPast, decoder_w
 from fx_lntune.capture.fx import hf_attention_mask
 from fx_lntune.dispatch import AdapterDispatch
 from fx_lntune.errors import LNTuneExportError
-from fx_lntune.files import file_in_the_way
+from fx_lntune.files import file_in_the_way, staged_files
 from fx_lntune.generation import decoder_for
 from fx_lntune.inputs import dynamic_shapes_for, grow_size_one
 from fx_lntune.passes._graphs import graph_modules
@@ -627,20 +624,15 @@ def _staged(path: str | os.PathLike) -> Iterator[Path]:
                 "directory."
             )
         raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_files(target.parent, last=target.name) as staging:
         yield staging / target.name
-        for file in sorted(staging.iterdir(), key=lambda file: file.name == target.name):
-            os.replace(file, target.parent / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def _staged_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """A new directory beside ``path`` to write files into; once the block succeeds it becomes ``path`` (one rename)
-    or, where ``path`` is a directory already, its files move into it (each replacing its namesake; other files stay).
-    Nothing of them is left when the block fails, and ``path`` is then as it was."""
+    """A directory to write files into (`files.staged_files` in ``path``, made if missing); once the block
+    succeeds its files replace their namesakes in ``path`` (other files stay). When it fails, ``path`` is as it
+    was (removed again if it was made here)."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise LNTuneExportError(
@@ -662,19 +654,16 @@ def _staged_directory(path: str | os.PathLike) -> Iterator[Path]:
                 "directory."
             )
         raise LNTuneExportError(f"directory {str(target.parent)!r} does not exist; create it first.")
-    # Made as any directory is (the umask applies, unlike mkdtemp's 0o700), since it may become ``path`` itself.
-    staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    staging.mkdir()
+    made = not target.exists()
+    target.mkdir(exist_ok=True)
     try:
-        yield staging
-        if not target.exists():
-            with contextlib.suppress(OSError):  # made meanwhile by someone else: move the files in as below
-                os.rename(staging, target)
-                return
-        for file in sorted(staging.iterdir()):
-            os.replace(file, target / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_files(target) as staging:
+            yield staging
+    except BaseException:
+        if made:  # made for these files, and empty again (staged_files leaves nothing): take it away
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        raise
 
 
 @contextlib.contextmanager

@@ -4,25 +4,62 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["write_atomic", "file_in_the_way"]
+__all__ = ["staged_files", "write_atomic", "file_in_the_way"]
+
+
+@contextlib.contextmanager
+def staged_files(directory: Path, last: str | None = None) -> Iterator[Path]:
+    """An empty directory to write files into; when the block succeeds, each of its files replaces the file of the
+    same name in ``directory`` by one rename (``last`` renamed last), so a reader sees every old file or the whole
+    new one. If the block or a rename fails, the files already replaced are put back, and nothing temporary is left.
+
+    The staging directory sits in ``directory`` (same file system, so renames are atomic); files written in it are
+    plain files, so the umask applies.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=directory))
+    backups = Path(tempfile.mkdtemp(prefix=".backup.", dir=directory))
+    replaced: list[str] = []
+    try:
+        yield staging
+        files = sorted(staging.iterdir(), key=lambda file: file.name == last)
+        for file in files:
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        for file in files:
+            target = directory / file.name
+            if target.exists():
+                _keep_copy(target, backups / file.name)
+            os.replace(file, target)
+            replaced.append(file.name)
+    except BaseException:
+        for name in reversed(replaced):
+            if (backups / name).exists():
+                os.replace(backups / name, directory / name)
+            else:
+                (directory / name).unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(backups, ignore_errors=True)
+
+
+def _keep_copy(source: Path, backup: Path) -> None:
+    # A hard link keeps the old file in place (readers never see it missing) at no cost.
+    try:
+        os.link(source, backup)
+    except OSError:
+        shutil.copy2(source, backup)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it and one rename: a reader sees the old file or
-    the whole new one, and a failure leaves no temporary file behind."""
-    # Beside the target (same file system, so the rename is atomic); opened as a normal file, so the umask applies.
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Write ``data`` to ``path`` at once (`staged_files`): a reader sees the old file or the whole new one."""
+    with staged_files(path.parent) as staging:
+        (staging / path.name).write_bytes(data)
 
 
 def file_in_the_way(path: str | os.PathLike) -> Path | None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from fx_lntune.adapters import add_adapter, delete_adapter, resolve_adapter_modu
 from fx_lntune.config import LNTuningConfig
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch
 from fx_lntune.errors import LNTuneConfigError, LNTuneStateError
-from fx_lntune.files import file_in_the_way
+from fx_lntune.files import file_in_the_way, staged_files
 from fx_lntune.routing import check_adapter_exists, check_adapter_name, check_low_cpu_mem_usage
 from fx_lntune.state import LNTuneState, dispatch_modules, get_state
 
@@ -116,7 +114,9 @@ def save_adapter(
         card = _model_card(gm, state, data, directory / CARD_NAME)
         writers[CARD_NAME] = lambda path: path.write_text(card, encoding="utf-8")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(directory, writers)
+    with staged_files(directory) as staging:
+        for name, write in writers.items():
+            write(staging / name)
 
 
 def load_adapter(
@@ -334,51 +334,6 @@ def _auto_mapping(model_class: str | None) -> dict[str, str] | None:
     if not isinstance(found, type):
         return None
     return {"base_model_class": found.__name__, "parent_library": found.__module__}
-
-
-def _write_atomically(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Write each file to a temporary name in ``directory``, then rename it over the old one.
-
-    On any failure, files already renamed are put back as they were and no temporary file is left.
-    """
-    staged: dict[str, Path] = {}
-    backups: dict[str, Path] = {}
-    replaced: list[str] = []
-    try:
-        for name, write in writers.items():
-            staged[name] = _temporary_name(directory, name)
-            write(staged[name])
-            with open(staged[name], "rb") as file:
-                os.fsync(file.fileno())
-        for name, path in staged.items():
-            target = directory / name
-            if target.exists():
-                backups[name] = _temporary_name(directory, name)
-                _keep_copy(target, backups[name])
-            os.replace(path, target)
-            replaced.append(name)
-    except BaseException:
-        for name in reversed(replaced):
-            if name in backups:
-                os.replace(backups.pop(name), directory / name)
-            else:
-                (directory / name).unlink(missing_ok=True)
-        raise
-    finally:
-        for path in [*staged.values(), *backups.values()]:
-            path.unlink(missing_ok=True)
-
-
-def _temporary_name(directory: Path, name: str) -> Path:
-    return directory / f".{name}.{uuid.uuid4().hex}.tmp"
-
-
-def _keep_copy(source: Path, backup: Path) -> None:
-    # A hard link keeps the old file in place (readers never see it missing) at no cost.
-    try:
-        os.link(source, backup)
-    except OSError:
-        shutil.copy2(source, backup)
 
 
 def _read_config(path: Path) -> LNTuningConfig:
