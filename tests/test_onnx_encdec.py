@@ -116,3 +116,25 @@ def test_refuses_a_file_path_and_export_program(tmp_path):
     with pytest.raises(fl.LNTuneExportError, match="export_onnx"):
         fl.export_program(gm, tmp_path / "decoder.pt2", inputs, kv_cache=True)
     assert list(tmp_path.iterdir()) == [existing] and existing.read_bytes() == b"keep"
+
+
+def test_a_failed_export_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    _, gm = captured("bart")
+    written = []
+
+    def fail_on_the_second(step, path, onnx):
+        path.write_bytes(b"partial")
+        written.append(path.name)
+        if len(written) == 2:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr("fx_lntune.deploy._write_onnx_step", fail_on_the_second)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "encoder_model.onnx").write_bytes(b"old")
+    for directory in (tmp_path / "new", existing):
+        written.clear()
+        with pytest.raises(fl.LNTuneExportError, match="disk full"):
+            fl.export_onnx(gm, directory, make_inputs("bart"), kv_cache=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing"]  # no new or staging directory left
+    assert [(path.name, path.read_bytes()) for path in existing.iterdir()] == [("encoder_model.onnx", b"old")]
