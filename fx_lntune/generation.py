@@ -39,6 +39,7 @@ from fx_lntune.capture.decoder import (
     model_shell,
     read_cache,
     seq2seq_step,
+    unmasked_step,
     write_cache,
 )
 from fx_lntune.dispatch import AdapterDispatch
@@ -202,6 +203,15 @@ def _signature(gm: torch.fx.GraphModule) -> tuple:
     return tuple(modules), tuple(tensors)
 
 
+def _attention_window(config: Any) -> float:
+    """The sequence length from which the model's attention masks keys even where nothing is padded: its sliding
+    window or attention chunk (transformers' ``local_attention_size``), the smallest where it has several; infinite
+    for full attention."""
+    configs = (config, getattr(config, "text_config", None))  # a llava-style model's language model has its own
+    sizes = [getattr(part, name, None) for part in configs for name in ("sliding_window", "attention_chunk_size")]
+    return min((size for size in sizes if isinstance(size, int) and not isinstance(size, bool)), default=float("inf"))
+
+
 def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images: bool = False) -> None:
     from transformers import GenerationConfig
 
@@ -239,6 +249,10 @@ class Decoder:
         self.encoder_decoder = bool(getattr(gm.config, "is_encoder_decoder", False))
         self.cache_name = cache_name(self.shell)
         self.graphs: dict[str, torch.fx.GraphModule] = {}
+        # Per causal step graph, its copy with unmasked attention (None where there is none), and the length from
+        # which a sliding window or attention chunk would mask keys even without padding.
+        self.unmasked: dict[str, torch.fx.GraphModule | None] = {}
+        self.window = _attention_window(gm.config)
         self.layout = self._probe_layout()
         self._forward_signature = _without_image_features(inspect.signature(self.shell.forward))
 
@@ -280,6 +294,17 @@ class Decoder:
             self.graphs[name] = self._capture(name)
             log.info("fx_lntune.generate: captured %s in %.1f s", what, time.perf_counter() - start)
         return self.graphs[name]
+
+    def _step(self, name: str, mask: torch.Tensor, length: int, past_length: int) -> torch.fx.GraphModule:
+        """The causal step graph ``name``, or its unmasked copy where the mask masks nothing (no padding, and the
+        prompt's first step or one new token: transformers' own rule for dropping the mask, the eager model's
+        ``_ignore_causal_mask_sdpa``)."""
+        if (past_length == 0 or length == 1) and mask.shape[1] == past_length + length < self.window:
+            if name not in self.unmasked:
+                self.unmasked[name] = unmasked_step(self.graph(name))
+            if self.unmasked[name] is not None and bool(mask.all()):
+                return self.unmasked[name]
+        return self.graph(name)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -400,8 +425,8 @@ class Decoder:
             step = self.graph("step_images" if positions is None else "step_images_positions")
             outputs = step(ids, mask, *past, pixels, *(() if positions is None else (positions,)))
         elif positions is None:
-            outputs = self.graph("step")(ids, mask, *past)
+            outputs = self._step("step", mask, ids.shape[1], past_length)(ids, mask, *past)
         else:
-            outputs = self.graph("step_positions")(ids, mask, *past, positions)
+            outputs = self._step("step_positions", mask, ids.shape[1], past_length)(ids, mask, *past, positions)
         write_cache(cache, outputs[1:])
         return CausalLMOutputWithPast(logits=outputs[0], **{self.cache_name: cache})

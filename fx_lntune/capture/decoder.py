@@ -35,6 +35,7 @@ from fx_lntune.errors import LNTuneGenerationError
 from fx_lntune.inputs import _image_size, _image_token
 from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.attention import unmasked_attention
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
 from fx_lntune.passes.image_count import free_image_count
@@ -50,6 +51,7 @@ __all__ = [
     "read_cache",
     "write_cache",
     "causal_step",
+    "unmasked_step",
     "image_token",
     "capture_image_step",
     "encoder_forward",
@@ -236,6 +238,23 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
         return (out["logits"], *present)
 
     return step
+
+
+def unmasked_step(step: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
+    """A copy of the causal step graph ``step`` (sharing its modules and tensors) whose attention takes no mask
+    (`passes.attention.unmasked_attention`): the step the eager model runs where nothing is padded, without the
+    mask's two dozen ops per call. For inputs without padding whose new positions are all of the sequence or one
+    token only; ``None`` where the model's attention does not allow it. ``step`` is not changed."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(step.graph, {}))
+    graph._codegen = copy.deepcopy(step.graph._codegen)
+    unmasked = torch.fx.GraphModule(step, graph, class_name=f"{type(step).__name__}Unmasked")
+    if not unmasked_attention(unmasked).modified:
+        return None
+    _drop_dead_code(unmasked.graph)
+    unmasked.graph.lint()
+    unmasked.recompile()
+    return unmasked
 
 
 def image_token(config: Any) -> int | None:
@@ -428,6 +447,7 @@ def _capture_step(
         run_pass(repeat_layers, unlifted, runs=shifted, layer_module=root.get_submodule)
     gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
     gm = run_pass(fold_module_calls, gm, paths=paths)
+    _drop_unused_reads(gm.graph)
     inside = tuple(f"{path}." for path in paths)
     unfolded = sorted(
         str(node.target)
@@ -455,6 +475,15 @@ def _sizes_from_first_inputs(graph: torch.fx.Graph) -> None:
         size = node.meta.get("val")
         if isinstance(size, torch.SymInt) and size.node.expr in first and node.args[0].op == "placeholder":
             node.args = first[size.node.expr]
+
+
+def _drop_unused_reads(graph: torch.fx.Graph) -> None:
+    """Remove the attribute reads nothing uses: export reads every parameter, and once a norm's nodes are folded into
+    its dispatch module's call, the reads of its weights (every adapter's copy) are left over; each would still
+    cost a walk down the module tree at every step."""
+    for node in list(graph.find_nodes(op="get_attr")):
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _drop_dead_code(graph: torch.fx.Graph) -> None:
