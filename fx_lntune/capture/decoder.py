@@ -40,6 +40,7 @@ from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
 from fx_lntune.passes.image_count import free_image_count
 from fx_lntune.passes.repeat_layers import CannotRepeat, LayerRun, repeat_layers
+from fx_lntune.passes.torch_calls import call_torch_functions
 from fx_lntune.state import LNTuneState, dispatch_modules
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
     "read_cache",
     "write_cache",
     "causal_step",
-    "unmasked_step",
+    "runnable_step",
     "image_token",
     "capture_image_step",
     "encoder_forward",
@@ -240,21 +241,25 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
     return step
 
 
-def unmasked_step(step: torch.fx.GraphModule) -> torch.fx.GraphModule | None:
-    """A copy of the causal step graph ``step`` (sharing its modules and tensors) whose attention takes no mask
-    (`passes.attention.unmasked_attention`): the step the eager model runs where nothing is padded, without the
-    mask's two dozen ops per call. For inputs without padding whose new positions are all of the sequence or one
-    token only; ``None`` where the model's attention does not allow it. ``step`` is not changed."""
+def runnable_step(step: torch.fx.GraphModule, *, unmasked: bool = False) -> torch.fx.GraphModule | None:
+    """A copy of the step graph ``step`` (sharing its modules and tensors) to run as Python code: its common aten
+    calls made through torch's own bindings (`passes.torch_calls`, the same kernels with less Python per op).
+
+    ``unmasked``: a causal step whose attention takes no mask (`passes.attention.unmasked_attention`), what the
+    eager model runs where nothing is padded, without the mask's two dozen ops per call; for inputs without padding
+    whose new positions are all of the sequence or one token. ``None`` where the model's attention does not allow
+    it. ``step`` is not changed (it stays in aten form for `torch.compile` and the exporters)."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(step.graph, {}))
     graph._codegen = copy.deepcopy(step.graph._codegen)
-    unmasked = torch.fx.GraphModule(step, graph, class_name=f"{type(step).__name__}Unmasked")
-    if not unmasked_attention(unmasked).modified:
+    runnable = torch.fx.GraphModule(step, graph, class_name=type(step).__name__)
+    if unmasked and not unmasked_attention(runnable).modified:
         return None
-    _drop_dead_code(unmasked.graph)
-    unmasked.graph.lint()
-    unmasked.recompile()
-    return unmasked
+    _drop_dead_code(runnable.graph)
+    call_torch_functions(runnable)
+    runnable.graph.lint()
+    runnable.recompile()
+    return runnable
 
 
 def image_token(config: Any) -> int | None:
