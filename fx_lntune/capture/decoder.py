@@ -28,7 +28,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.capture._build import build_graph_module
+from fx_lntune.capture._build import _lookup, build_graph_module
 from fx_lntune.capture.export import _shortened
 from fx_lntune.capture.layers import layer_runs
 from fx_lntune.errors import LNTuneGenerationError
@@ -243,7 +243,8 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
 
 def runnable_step(step: torch.fx.GraphModule, *, unmasked: bool = False) -> torch.fx.GraphModule | None:
     """A copy of the step graph ``step`` (sharing its modules and tensors) to run as Python code: its common aten
-    calls made through torch's own bindings (`passes.torch_calls`, the same kernels with less Python per op).
+    calls made through torch's own bindings (`passes.torch_calls`, the same kernels with less Python per op), and
+    what it reads held at flat names. Made again when ``step``'s modules or tensors change (`generation.Decoder`).
 
     ``unmasked``: a causal step whose attention takes no mask (`passes.attention.unmasked_attention`), what the
     eager model runs where nothing is padded, without the mask's two dozen ops per call; for inputs without padding
@@ -257,9 +258,30 @@ def runnable_step(step: torch.fx.GraphModule, *, unmasked: bool = False) -> torc
         return None
     _drop_dead_code(runnable.graph)
     call_torch_functions(runnable)
+    runnable = torch.fx.GraphModule(_flat_attributes(runnable), runnable.graph, class_name=type(step).__name__)
     runnable.graph.lint()
     runnable.recompile()
     return runnable
+
+
+def _flat_attributes(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """What ``gm``'s nodes read and call, each at one flat name (``model_model_layers_0_self_attn_q_proj_weight``),
+    the nodes renamed to match: the same objects, reached with one attribute lookup instead of a walk of seven
+    modules per weight and step."""
+    objects: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        if target not in names:
+            name = target.replace(".", "_")
+            while name in objects or hasattr(torch.fx.GraphModule, name):
+                name = f"_{name}"
+            names[target] = name
+            objects[name] = _lookup(gm, target)
+        node.target = names[target]
+    return objects
 
 
 def image_token(config: Any) -> int | None:
