@@ -1054,6 +1054,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-static", action="store_true", help="skip the static-cache generation rows (compiles)")
     parser.add_argument("--static-only", action="store_true", help="only the static-cache generation rows (SmolLM2)")
+    parser.add_argument(
+        "--generate-speed-only", action="store_true", help="only fl.generate / HF generate speed (small llama, SmolLM2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(0)
@@ -1065,7 +1068,12 @@ def main() -> None:
             deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), args.steps, load_before
         )
         return
-    if args.static_only:
+    if args.generate_speed_only:
+        pairs = min(args.steps, 10)
+        rows += generate_speed_rows("small llama", small_llama(), pairs)
+        if smollm2.available() is None:
+            rows += generate_speed_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], pairs)
+    elif args.static_only:
         rows += static_generation_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 10))
     else:
         rows += all_rows(args)

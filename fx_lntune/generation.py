@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import inspect
 import logging
 import time
@@ -38,6 +39,7 @@ from fx_lntune.capture.decoder import (
     image_token,
     model_shell,
     read_cache,
+    runnable_step,
     seq2seq_step,
     write_cache,
 )
@@ -202,14 +204,30 @@ def _signature(gm: torch.fx.GraphModule) -> tuple:
     return tuple(modules), tuple(tensors)
 
 
-def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images: bool = False) -> None:
+def _attention_window(config: Any) -> float:
+    """The sequence length from which the model's attention masks keys even where nothing is padded: its sliding
+    window or attention chunk (transformers' ``local_attention_size``), the smallest where it has several; infinite
+    for full attention."""
+    configs = (config, getattr(config, "text_config", None))  # a llava-style model's language model has its own
+    sizes = [getattr(part, name, None) for part in configs for name in ("sliding_window", "attention_chunk_size")]
+    return min((size for size in sizes if isinstance(size, int) and not isinstance(size, bool)), default=float("inf"))
+
+
+@functools.cache
+def _generation_config_fields() -> frozenset[str]:
+    """The fields of transformers' ``GenerationConfig`` (made once: a config's ``to_dict`` deep-copies it, a fraction
+    of a millisecond that every `generate` call would pay)."""
     from transformers import GenerationConfig
 
+    return frozenset(GenerationConfig().to_dict())
+
+
+def _check_arguments(kwargs: Mapping[str, Any], *, encoder_decoder: bool, images: bool = False) -> None:
     for name, reason in _REFUSED.items():
         allowed = {"use_cache": (None, False, True), "cache_implementation": (None, STATIC)}.get(name, (None, False))
         if name in kwargs and kwargs[name] not in allowed:
             raise LNTuneGenerationError(f"generate argument {name}={kwargs[name]!r} is not supported: {reason}.")
-    known = set(GenerationConfig().to_dict()) | _GENERATE_ARGUMENTS | set(_REFUSED)
+    known = set(_generation_config_fields()) | _GENERATE_ARGUMENTS | set(_REFUSED)
     if encoder_decoder:
         known.add("decoder_input_ids")
     if images:
@@ -239,6 +257,11 @@ class Decoder:
         self.encoder_decoder = bool(getattr(gm.config, "is_encoder_decoder", False))
         self.cache_name = cache_name(self.shell)
         self.graphs: dict[str, torch.fx.GraphModule] = {}
+        # What runs, per step graph and whether its attention is unmasked: its copy to run as Python code (None
+        # where the model's attention cannot be unmasked); and the length from which a sliding window or attention
+        # chunk would mask keys even without padding.
+        self.runnable: dict[tuple[str, bool], torch.fx.GraphModule | None] = {}
+        self.window = _attention_window(gm.config)
         self.layout = self._probe_layout()
         self._forward_signature = _without_image_features(inspect.signature(self.shell.forward))
 
@@ -280,6 +303,22 @@ class Decoder:
             self.graphs[name] = self._capture(name)
             log.info("fx_lntune.generate: captured %s in %.1f s", what, time.perf_counter() - start)
         return self.graphs[name]
+
+    def _run(self, name: str, unmasked: bool = False) -> torch.fx.GraphModule | None:
+        """The step graph ``name`` as it is run (`capture.decoder.runnable_step`), made at first use and kept."""
+        if (name, unmasked) not in self.runnable:
+            self.runnable[name, unmasked] = runnable_step(self.graph(name), unmasked=unmasked)
+        return self.runnable[name, unmasked]
+
+    def _step(self, name: str, mask: torch.Tensor, length: int, past_length: int) -> torch.fx.GraphModule:
+        """The causal step graph ``name`` to run, unmasked where the mask masks nothing (no padding, and the
+        prompt's first step or one new token: transformers' own rule for dropping the mask, the eager model's
+        ``_ignore_causal_mask_sdpa``)."""
+        if (past_length == 0 or length == 1) and mask.shape[1] == past_length + length < self.window:
+            unmasked = self._run(name, unmasked=True)
+            if unmasked is not None and bool(mask.all()):
+                return unmasked
+        return self._run(name)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -353,7 +392,7 @@ class Decoder:
 
         if attention_mask is None:
             attention_mask = self._default_mask(input_ids, generation_config)
-        hidden = self.graph("encoder")(input_ids, attention_mask)
+        hidden = self._run("encoder")(input_ids, attention_mask)
         outputs = BaseModelOutput(last_hidden_state=hidden)
         outputs.attention_mask = attention_mask
         return outputs
@@ -382,9 +421,9 @@ class Decoder:
                 mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
             past = past or self.layout.empty_past(ids.shape[0], ids.device)
             if cross:
-                outputs = self.graph("decoder_next")(ids, hidden, mask, *past, *cross)
+                outputs = self._run("decoder_next")(ids, hidden, mask, *past, *cross)
             else:
-                outputs = self.graph("decoder_first")(ids, hidden, mask, *past)
+                outputs = self._run("decoder_first")(ids, hidden, mask, *past)
             count = len(past)
             write_cache(cache, outputs[1 : 1 + count], None if cross else outputs[1 + count :])
             return Seq2SeqLMOutput(logits=outputs[0], **{self.cache_name: cache})
@@ -397,11 +436,11 @@ class Decoder:
         past = past or self.layout.empty_past(ids.shape[0], ids.device)
         pixels = kwargs.get("pixel_values")  # the prefill's images; transformers drops them from later steps
         if pixels is not None:
-            step = self.graph("step_images" if positions is None else "step_images_positions")
+            step = self._run("step_images" if positions is None else "step_images_positions")
             outputs = step(ids, mask, *past, pixels, *(() if positions is None else (positions,)))
         elif positions is None:
-            outputs = self.graph("step")(ids, mask, *past)
+            outputs = self._step("step", mask, ids.shape[1], past_length)(ids, mask, *past)
         else:
-            outputs = self.graph("step_positions")(ids, mask, *past, positions)
+            outputs = self._step("step_positions", mask, ids.shape[1], past_length)(ids, mask, *past, positions)
         write_cache(cache, outputs[1:])
         return CausalLMOutputWithPast(logits=outputs[0], **{self.cache_name: cache})

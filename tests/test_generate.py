@@ -113,7 +113,8 @@ def test_decoding_computes_the_prompt_once():
     _, gm = tuned("gpt2")
     prompt = _prompt("gpt2")
     fl.generate(gm, **prompt, max_new_tokens=1)  # captures the step graph
-    (graph,) = decoder_for(gm).graphs.values()
+    ((name, _),) = decoder_for(gm).graphs.items()
+    graph = decoder_for(gm).runnable[name, False]  # the copy that runs (the prompt is padded: masked)
     calls = []
     forward = graph.forward
 
@@ -256,3 +257,84 @@ def test_step_graph_captured_shortened_is_the_graph_of_every_layer(monkeypatch):
     prompt = _prompt("llama")
     greedy = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(fl.generate(gm, **prompt, **greedy), _peft_twin(model, gm).generate(**prompt, **greedy))
+
+
+@functools.cache
+def _windowed(arch: str, window: int | None) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    from models import make_model
+
+    model = make_model(arch)
+    if window is not None:
+        model.config.sliding_window = window
+    gm = fl.lntune_transform(copy.deepcopy(model), fl.LNTuningConfig())
+    perturb_adapter(gm, "default", seed=1)
+    return model, gm.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "window", "unmasked"),
+    [("llama", None, True), ("gpt2", None, True), ("mistral", 9, True), ("bloom", None, False)],
+)
+def test_steps_with_nothing_masked_run_without_a_mask_as_the_eager_model(arch, window, unmasked):
+    """Where no token is padded, the eager model's sdpa attention takes no mask (a causal prompt step, then one token
+    at a time) up to its sliding window: so does fl.generate, with a step graph that builds none, and the tokens
+    stay the model's own. A padded batch, and an attention that takes a float mask (bloom's alibi), keep the mask."""
+    model, gm = _windowed(arch, window)
+    twin = _peft_twin(model, gm)
+    ids = torch.randint(4, 99, (2, 6), generator=torch.Generator().manual_seed(5))
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    padded = torch.ones_like(ids)
+    padded[0, :2] = 0
+    fl.generate(gm, ids, max_new_tokens=1)  # captures the step graph and makes its unmasked copy
+    fl.generate(gm, ids, attention_mask=padded, max_new_tokens=1)  # and its masked one
+    decoder = decoder_for(gm)
+    (name,) = decoder.graphs
+    assert (decoder.runnable[name, True] is not None) == unmasked
+    graphs = {"masked": decoder.runnable[name, False], "unmasked": decoder.runnable[name, True]}
+    graphs = {kind: graph for kind, graph in graphs.items() if graph is not None}
+    calls = []
+
+    def counting(kind, forward):
+        def call(input_ids, attention_mask, *rest):
+            calls.append((kind, input_ids.shape[1], attention_mask.shape[1]))
+            return forward(input_ids, attention_mask, *rest)
+
+        return call
+
+    for kind, graph in graphs.items():
+        graph.forward = counting(kind, graph.forward)
+    try:
+        for prompt, free in (({"input_ids": ids[:1]}, unmasked), ({"input_ids": ids, "attention_mask": padded}, False)):
+            calls.clear()
+            assert torch.equal(fl.generate(gm, **prompt, **greedy), twin.generate(**prompt, **greedy))
+            lengths = [(6, 6)] + [(1, 6 + step) for step in range(1, 8)]  # (new tokens, mask length) per step
+            limit = window or float("inf")
+            assert calls == [("unmasked" if free and total < limit else "masked", new, total) for new, total in lengths]
+    finally:
+        for graph in graphs.values():
+            del graph.forward
+
+
+def test_the_steps_run_compute_the_captured_step():
+    """What generate runs are copies of the captured step: with torch's own bindings for the aten calls (the same
+    kernels: bit for bit the same outputs), and unmasked (the same outputs where nothing is padded)."""
+    model, gm = _windowed("llama", None)
+    fl.generate(gm, torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    decoder = decoder_for(gm)
+    (name,) = decoder.graphs
+    captured, run, unmasked = decoder.graph(name), decoder.runnable[name, False], decoder.runnable[name, True]
+    assert "aten.linear" in captured.code and "aten.linear" not in run.code and "aten.linear" not in unmasked.code
+    generator = torch.Generator().manual_seed(0)
+    past = tuple(
+        torch.randn(2, heads, 4, dim, generator=generator) for heads, dim in decoder.layout.self_attention for _ in "kv"
+    )
+    for length, past_length in ((1, 4), (5, 0)):
+        ids = torch.randint(4, 99, (2, length), generator=generator)
+        args = (ids, torch.ones(2, past_length + length, dtype=torch.long), *(p[:, :, :past_length] for p in past))
+        args += (torch.arange(past_length, past_length + length).expand(2, -1),) if name == "step_positions" else ()
+        with torch.no_grad():
+            expected = captured(*args)
+            for got, want in zip(run(*args), expected, strict=True):
+                assert torch.equal(got, want)
+            for got, want in zip(unmasked(*args), expected, strict=True):
+                torch.testing.assert_close(got, want)

@@ -31,17 +31,19 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fx_lntune.capture._build import build_graph_module
+from fx_lntune.capture._build import _lookup, build_graph_module
 from fx_lntune.capture.export import _shortened
 from fx_lntune.capture.layers import layer_runs
 from fx_lntune.errors import LNTuneGenerationError
 from fx_lntune.inputs import _image_size, _image_token
 from fx_lntune.passes._graphs import graph_modules
 from fx_lntune.passes._runner import run_pass
+from fx_lntune.passes.attention import unmasked_attention
 from fx_lntune.passes.device import follow_input_device
 from fx_lntune.passes.fold import fold_module_calls
 from fx_lntune.passes.image_count import free_image_count
 from fx_lntune.passes.repeat_layers import CannotRepeat, LayerRun, repeat_layers
+from fx_lntune.passes.torch_calls import call_torch_functions
 from fx_lntune.state import LNTuneState, dispatch_modules
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "read_cache",
     "write_cache",
     "causal_step",
+    "runnable_step",
     "image_token",
     "capture_image_step",
     "encoder_forward",
@@ -240,6 +243,49 @@ def causal_step(shell: nn.Module, *, last_only: bool) -> Callable[..., tuple[tor
         return (out["logits"], *present)
 
     return step
+
+
+def runnable_step(step: torch.fx.GraphModule, *, unmasked: bool = False) -> torch.fx.GraphModule | None:
+    """A copy of the step graph ``step`` (sharing its modules and tensors) to run as Python code: its common aten
+    calls made through torch's own bindings (`passes.torch_calls`, the same kernels with less Python per op), and
+    what it reads held at flat names. Made again when ``step``'s modules or tensors change (`generation.Decoder`).
+
+    ``unmasked``: a causal step whose attention takes no mask (`passes.attention.unmasked_attention`), what the
+    eager model runs where nothing is padded, without the mask's two dozen ops per call; for inputs without padding
+    whose new positions are all of the sequence or one token. ``None`` where the model's attention does not allow
+    it. ``step`` is not changed (it stays in aten form for `torch.compile` and the exporters)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(step.graph, {}))
+    graph._codegen = copy.deepcopy(step.graph._codegen)
+    runnable = torch.fx.GraphModule(step, graph, class_name=type(step).__name__)
+    if unmasked and not unmasked_attention(runnable).modified:
+        return None
+    _drop_dead_code(runnable.graph)
+    call_torch_functions(runnable)
+    runnable = torch.fx.GraphModule(_flat_attributes(runnable), runnable.graph, class_name=type(step).__name__)
+    runnable.graph.lint()
+    runnable.recompile()
+    return runnable
+
+
+def _flat_attributes(gm: torch.fx.GraphModule) -> dict[str, Any]:
+    """What ``gm``'s nodes read and call, each at one flat name (``model_model_layers_0_self_attn_q_proj_weight``),
+    the nodes renamed to match: the same objects, reached with one attribute lookup instead of a walk of seven
+    modules per weight and step."""
+    objects: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        target = str(node.target)
+        if target not in names:
+            name = target.replace(".", "_")
+            while name in objects or hasattr(torch.fx.GraphModule, name):
+                name = f"_{name}"
+            names[target] = name
+            objects[name] = _lookup(gm, target)
+        node.target = names[target]
+    return objects
 
 
 def image_token(config: Any) -> int | None:
@@ -432,6 +478,7 @@ def _capture_step(
         run_pass(repeat_layers, unlifted, runs=shifted, layer_module=root.get_submodule)
     gm = build_graph_module(root, unlifted.graph, leaves=paths, fallback=unlifted, class_name=class_name)
     gm = run_pass(fold_module_calls, gm, paths=paths)
+    _drop_unused_reads(gm.graph)
     inside = tuple(f"{path}." for path in paths)
     unfolded = sorted(
         str(node.target)
@@ -459,6 +506,15 @@ def _sizes_from_first_inputs(graph: torch.fx.Graph) -> None:
         size = node.meta.get("val")
         if isinstance(size, torch.SymInt) and size.node.expr in first and node.args[0].op == "placeholder":
             node.args = first[size.node.expr]
+
+
+def _drop_unused_reads(graph: torch.fx.Graph) -> None:
+    """Remove the attribute reads nothing uses: export reads every parameter, and once a norm's nodes are folded into
+    its dispatch module's call, the reads of its weights (every adapter's copy) are left over; each would still
+    cost a walk down the module tree at every step."""
+    for node in list(graph.find_nodes(op="get_attr")):
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _drop_dead_code(graph: torch.fx.Graph) -> None:

@@ -1,11 +1,16 @@
-"""Attention without the copies the traced model makes for backward: grouped key/value heads and the float mask.
+"""Attention without what the traced model computes and the eager model does not: grouped key/value heads, the
+float mask, and a mask at all where no token is padded.
 
 A training step of the captured graph kept, per layer, two tensors the eager model does not keep on the same
 inputs: the key and value repeated to the query's head count (``repeat_kv``; 135 MiB on SmolLM2-135M at 2 x 512),
-and the float mask ``scaled_dot_product_attention`` makes of the boolean one on each call (60 MiB).
+and the float mask ``scaled_dot_product_attention`` makes of the boolean one on each call (60 MiB). A decoder step
+builds the boolean mask from ``attention_mask`` at every token, where the eager model passes none when nothing is
+padded (`unmasked_attention`).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -14,7 +19,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fx_lntune.graph_inputs import attention, attention_mask
 from fx_lntune.passes._graphs import graph_modules, layer_calls
 
-__all__ = ["group_query_heads", "share_attention_mask"]
+__all__ = ["group_query_heads", "share_attention_mask", "unmasked_attention"]
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _ATTENTION = (_SDPA, attention)
@@ -137,3 +142,46 @@ def _only_attention_mask(layer: torch.nn.Module, index: int) -> bool:
         and placeholders[index] not in (*user.args[:3], *user.args[4:], *user.kwargs.values())
         for user in users
     )
+
+
+def unmasked_attention(gm: torch.fx.GraphModule) -> PassResult:
+    """Give every ``scaled_dot_product_attention`` of a causal decoder step no mask (in place). Before::
+
+        expand = aten.expand(and_2, [b, 1, q, past + q])      # the boolean mask, built from attention_mask
+        reshape = aten.reshape(aten.expand(aten.unsqueeze(key, 2), [b, 3, 3, s, 64]), [b, 9, s, 64])  # repeat_kv
+        attention = aten.scaled_dot_product_attention(query, reshape, reshape_1, expand, scale=0.125)
+
+    after (the mask's and repeats' nodes left dead, removed by the runner's clean-up)::
+
+        sym_size = aten.sym_size.int(query, 2)
+        gt = operator.gt(sym_size, 1)
+        attention = aten.scaled_dot_product_attention(query, key, value, None, 0.0, gt, scale=0.125, enable_gqa=True)
+
+    what transformers' eager attention runs where ``_ignore_causal_mask_sdpa`` drops the mask: a causal
+    (upper-left) mask when the step has more than one query position, none for one. The graph then computes the
+    masked graph's outputs only for inputs that mask nothing: no padding, and either no past or one new token (and
+    fewer positions than a sliding window); the caller chooses it for those alone. Only where every attention call
+    takes a boolean mask and no dropout (any other graph is left unchanged): a float mask may carry a position bias.
+    """
+    calls = [node for _, module in graph_modules(gm) for node in module.graph.nodes if node.target is _SDPA]
+    if not calls or not all(_boolean_mask(node) for node in calls):
+        return PassResult(gm, False)
+    for node in calls:
+        graph = node.graph
+        key, value = _before_repeat(node.args[1]), _before_repeat(node.args[2])
+        grouped = key is not None and value is not None and key[1] == value[1]
+        with graph.inserting_before(node):
+            length = graph.call_function(torch.ops.aten.sym_size.int, (node.args[0], 2))
+            causal = graph.call_function(operator.gt, (length, 1))
+        keys = (key[0], value[0]) if grouped else node.args[1:3]
+        node.args = (node.args[0], *keys, None, 0.0, causal)
+        node.kwargs = {"scale": node.kwargs.get("scale"), "enable_gqa": grouped or bool(node.kwargs.get("enable_gqa"))}
+    return PassResult(gm, True)
+
+
+def _boolean_mask(node: torch.fx.Node) -> bool:
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    value = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool and dropout == 0.0 and causal is False
