@@ -378,8 +378,11 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                         ax.axhline(mine[0]["metric"], linestyle="--", color="grey", label=method)
                         continue
                     lrs = sorted(dict.fromkeys(r["lr"] for r in mine))
-                    means = [statistics.mean(r["metric"] for r in mine if r["lr"] == lr) for lr in lrs]
-                    ax.plot(lrs, means, "-o", label=method)
+                    scores = [[r["metric"] for r in mine if r["lr"] == lr] for lr in lrs]
+                    (line,) = ax.plot(lrs, [statistics.mean(s) for s in scores], "-o", label=method)
+                    if any(len(s) > 1 for s in scores):  # several seeds: shade their range
+                        lows, highs = [min(s) for s in scores], [max(s) for s in scores]
+                        ax.fill_between(lrs, lows, highs, color=line.get_color(), alpha=0.15)
                     ax.set_xscale("log")
                     ax.set_xlabel("learning rate")
                     ax.set_ylabel("held-out metric")
