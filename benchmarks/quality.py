@@ -378,14 +378,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                         ax.axhline(mine[0]["metric"], linestyle="--", color="grey", label=method)
                         continue
                     lrs = sorted(dict.fromkeys(r["lr"] for r in mine))
-                    means = [statistics.mean(r["metric"] for r in mine if r["lr"] == lr) for lr in lrs]
-                    ax.plot(lrs, means, "-o", label=method)
+                    scores = [[r["metric"] for r in mine if r["lr"] == lr] for lr in lrs]
+                    color = f"C{METHODS.index(method) % 10}"  # one colour per method in every panel
+                    ax.plot(lrs, [statistics.mean(s) for s in scores], "-o", color=color, label=method)
+                    if any(len(s) > 1 for s in scores):  # several seeds: shade their range
+                        lows, highs = [min(s) for s in scores], [max(s) for s in scores]
+                        ax.fill_between(lrs, lows, highs, color=color, alpha=0.15)
                     ax.set_xscale("log")
                     ax.set_xlabel("learning rate")
                     ax.set_ylabel("held-out metric")
                 elif method != "none":
                     curve = next(r["losses"] for r in mine if r["lr"] == best[(task, method)])
-                    ax.plot(range(1, len(curve) + 1), curve, label=f"{method} (lr {best[(task, method)]:g})")
+                    label = f"{method} (lr {best[(task, method)]:g})"
+                    ax.plot(range(1, len(curve) + 1), curve, color=f"C{METHODS.index(method) % 10}", label=label)
                     ax.set_xlabel("step")
                     ax.set_ylabel("training loss")
             ax.set_title(task, fontsize=9)
