@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from conftest import captured
-from models import make_inputs, make_labels, make_model
+from models import make_config, make_inputs, make_labels, make_model
 
 import fx_lntune as fl
 from fx_lntune.passes._graphs import graph_modules
@@ -279,21 +279,40 @@ def test_bad_input_is_refused_and_graph_unchanged(setup, operation, match):
     _assert_unchanged(gm, before)
 
 
-def test_modules_to_save_match_peft():
-    model = make_model("bert")
-    config = fl.LNTuningConfig(modules_to_save=["classifier"])
-    gm = fl.lntune_transform(model, config, example_inputs=make_inputs("bert"))
+def _tied_llama():
+    config = make_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch, saved",
+    [
+        ("bert", "classifier"),
+        # With tie_word_embeddings the capture's embedding reads lm_head.weight; once the head is a dispatch module
+        # that read must stay the frozen base embedding (PEFT's copy of a tied head is untied from it too).
+        ("tied-llama", "lm_head"),
+    ],
+)
+def test_modules_to_save_match_peft(arch, saved):
+    model = make_model("bert") if arch == "bert" else _tied_llama()
+    family = "bert" if arch == "bert" else "llama"
+    config = fl.LNTuningConfig(modules_to_save=[saved])
+    gm = fl.lntune_transform(model, config, example_inputs=make_inputs(family))
     # PEFT has no default targets for bert; ours (every norm) are given to it explicitly.
-    peft_config = peft.LNTuningConfig(target_modules=fl.targeted_module_names(gm), modules_to_save=["classifier"])
+    peft_config = peft.LNTuningConfig(target_modules=fl.targeted_module_names(gm), modules_to_save=[saved])
     reference = peft.get_peft_model(copy.deepcopy(model), peft_config)
     assert set(gm.state_dict()) == {key.removeprefix(PREFIX) for key in reference.state_dict()}
-    assert {"classifier.original_module.weight", "classifier.modules_to_save.default.weight"} <= set(gm.state_dict())
+    assert {f"{saved}.original_module.weight", f"{saved}.modules_to_save.default.weight"} <= set(gm.state_dict())
     assert fl.get_nb_trainable_parameters(gm) == reference.get_nb_trainable_parameters()
-    inputs = make_inputs("bert", **OTHER_SHAPE)
+    inputs = make_inputs(family, **OTHER_SHAPE)
     base = _outputs(gm, inputs)
     for root, prefix in [(gm, ""), (reference, PREFIX)]:
         _perturb(root, fl.targeted_module_names(gm), "default", seed=1, prefix=prefix)
-        _perturb(root, ["classifier"], "default", seed=2, prefix=prefix, slot="modules_to_save")
+        _perturb(root, [saved], "default", seed=2, prefix=prefix, slot="modules_to_save")
     _check_against_peft(gm, reference, inputs)
     with fl.disable_adapters(gm), reference.disable_adapter():
         _check_against_peft(gm, reference, inputs)

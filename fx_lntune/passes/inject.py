@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fx_lntune.dispatch import AdapterDispatch, LNTuningDispatch, ModulesToSaveDispatch
 from fx_lntune.errors import LNTuneConfigError
 from fx_lntune.modules import set_submodule
-from fx_lntune.passes._graphs import leaf_calls
+from fx_lntune.passes._graphs import graph_modules, leaf_calls
 
 __all__ = ["NODE_MARK", "inject_adapters"]
 
@@ -51,6 +53,7 @@ def inject_adapters(
             raise LNTuneConfigError(f"module '{path}' is not a call_module node of this graph, so it cannot be tuned.")
         module = gm.get_submodule(path)
         if not isinstance(module, AdapterDispatch):
+            _read_tied_state_by_another_name(gm, path)
             module = kind(module)
             set_submodule(gm, path, module)
         elif not isinstance(module, kind):
@@ -63,3 +66,40 @@ def inject_adapters(
         for node in calls[path]:
             node.meta[NODE_MARK] = kind.__name__
     return PassResult(gm, bool(kinds))
+
+
+def _read_tied_state_by_another_name(gm: torch.fx.GraphModule, path: str) -> None:
+    """Point each ``get_attr`` of a tensor of ``path``'s module, left outside its calls, at another name of the
+    same tensor (in place): the module becomes a dispatch module, its own names move, and its base slot holds a
+    merged adapter while merged. Such reads are tied weights: with ``tie_word_embeddings`` the captured embedding
+    reads ``lm_head.weight``, which must stay the frozen base embedding, as in the model (and in PEFT, whose
+    ``modules_to_save`` copy of a tied head is untied from the embedding). Before, for ``path="lm_head"``::
+
+        get_attr[lm_head.weight] -> embedding(...)         call_module[lm_head](h)
+
+    after::
+
+        get_attr[model.embed_tokens.weight] -> embedding(...)   call_module[lm_head](h)
+    """
+    own = path + "."
+    for prefix, graph_module in graph_modules(gm):
+        scope = f"{prefix}." if prefix else ""
+        for node in graph_module.graph.nodes:
+            full = scope + str(node.target)
+            if node.op != "get_attr" or not full.startswith(own):
+                continue
+            tensor = functools.reduce(getattr, full.split("."), gm)
+            aliases = [
+                name
+                for name, value in [
+                    *gm.named_parameters(remove_duplicate=False),
+                    *gm.named_buffers(remove_duplicate=False),
+                ]
+                if value is tensor and name.startswith(scope) and not name.startswith(own)
+            ]
+            if not aliases:
+                raise LNTuneConfigError(
+                    f"the graph reads '{full}' outside the call of module '{path}', so '{path}' cannot be wrapped "
+                    "for an adapter; leave it out of target_modules / modules_to_save."
+                )
+            node.target = aliases[0].removeprefix(scope)
