@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from fx_lntune.capture.decoder import write_cache
 from fx_lntune.errors import LNTuneGenerationError
+from fx_lntune.passes.cpu_linear import route_linear_to_onednn
 
 __all__ = ["STATIC", "is_requested", "generate_static", "static_step", "StaticDecoder", "slot_count"]
 
@@ -66,7 +67,9 @@ def slot_count(length: int) -> int:
     return max(_MIN_SLOTS, 1 << max(0, length - 1).bit_length())
 
 
-def static_step(step: torch.fx.GraphModule, past_count: int, positions: bool) -> torch.fx.GraphModule:
+def static_step(
+    step: torch.fx.GraphModule, past_count: int, positions: bool, onednn: bool = False
+) -> torch.fx.GraphModule:
     """The decode step on preallocated buffers, as a new ``GraphModule`` calling ``step`` (shared, not copied)::
 
         forward(input_ids[B, 1], attention_mask[B, slots + 1], position_ids[B, 1], slot[1], past_0, ..., past_{n-1})
@@ -78,6 +81,7 @@ def static_step(step: torch.fx.GraphModule, past_count: int, positions: bool) ->
     ``step`` is a default step graph (`fx_lntune.capture.decoder.causal_step`); it concatenates the token after the
     buffers, so the mask's last column (the token itself) is 1 and the others say which slots hold a token.
     Without ``positions`` the graph takes no ``position_ids`` (a model that derives positions from the mask).
+    ``onednn``: the step's linears run through oneDNN (`passes.cpu_linear`, for CPU weights), in this copy only.
     """
     graph = torch.fx.Graph()
     ids, mask = graph.placeholder("input_ids"), graph.placeholder("attention_mask")
@@ -92,7 +96,10 @@ def static_step(step: torch.fx.GraphModule, past_count: int, positions: bool) ->
         graph.call_method("index_copy_", (buffer, 2, slot, token))
     graph.call_method("index_fill_", (mask, 1, slot, 1))
     graph.output(graph.call_function(operator.getitem, (outputs, 0)))
-    return torch.fx.GraphModule({"step": _without_unused_attributes(step)}, graph, class_name="StaticStep")
+    inner = _without_unused_attributes(step)
+    if onednn:
+        route_linear_to_onednn(inner)
+    return torch.fx.GraphModule({"step": inner}, graph, class_name="StaticStep")
 
 
 def _without_unused_attributes(step: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -162,7 +169,8 @@ class StaticDecoder:
         ``None``)."""
         if name not in self.graphs:
             layers = self.decoder.layout.self_attention
-            self.graphs[name] = static_step(self.decoder.graph(name), 2 * len(layers), name == "step_positions")
+            on_cpu = self.decoder.shell.device.type == "cpu"
+            self.graphs[name] = static_step(self.decoder.graph(name), 2 * len(layers), name == "step_positions", on_cpu)
         graph = self.graphs[name]
         if compile_options is None:
             return graph
