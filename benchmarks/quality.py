@@ -271,14 +271,9 @@ def memory_columns(method: str, model: torch.nn.Module, inputs) -> dict[str, flo
         ckpt = copy.deepcopy(model)
         fl.gradient_checkpointing(ckpt)
         out["peak_mib_ckpt"] = mib(peak_memory(ckpt, inputs))
-        if hasattr(fl, "chunked_loss"):
-            try:
-                fl.chunked_loss(ckpt)
-                out["peak_mib_ckpt_chunked"] = mib(peak_memory(ckpt, inputs))
-            except Exception as error:  # the API may differ from what this guess calls
-                print(f"  chunked_loss not measured: {error}")
-                out["peak_mib_ckpt_chunked"] = None
-    elif hasattr(fl, "chunked_loss"):
+        fl.chunked_loss(ckpt)
+        out["peak_mib_ckpt_chunked"] = mib(peak_memory(ckpt, inputs))
+    else:
         out["peak_mib_ckpt_chunked"] = None
     return out
 
@@ -317,12 +312,10 @@ def run_one(task: Task, method: str, lr: float, seed: int, steps: int, batch_siz
 # ---------------------------------------------------------------- output
 
 
-COLUMNS = ["task", "method", "lr", "seed", "steps", "trainable", "peak_mib", "peak_mib_ckpt"]
-COLUMNS_TAIL = ["step_ms", "final_loss", "metric"]
-
-
-def columns() -> list[str]:
-    return COLUMNS + (["peak_mib_ckpt_chunked"] if hasattr(fl, "chunked_loss") else []) + COLUMNS_TAIL
+COLUMNS = [
+    "task", "method", "lr", "seed", "steps", "trainable", "peak_mib", "peak_mib_ckpt", "peak_mib_ckpt_chunked",
+    "step_ms", "final_loss", "metric",
+]  # fmt: skip
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -336,7 +329,7 @@ def summary(rows: list[dict]) -> list[dict]:
             first = mine[0]
             out.append(
                 {
-                    **{k: first.get(k) for k in columns() if k not in ("lr", "seed", "metric", "final_loss")},
+                    **{k: first.get(k) for k in COLUMNS if k not in ("lr", "seed", "metric", "final_loss")},
                     "best_lr": lr if method != "none" else None,
                     "metric_mean": round(statistics.mean(scores), 3),
                     "metric_spread": round(max(scores) - min(scores), 3),
@@ -407,7 +400,7 @@ def write_results(rows: list[dict], out: Path) -> None:
     """quality.json (rows and summary) and quality.csv, rewritten whole."""
     (out / "quality.json").write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
     with open(out / "quality.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -35,6 +35,8 @@ def test_smoke_rows(tmp_path):
         assert by["fl-norms"]["trainable"] < by["peft-lora-r8"]["trainable"]
         for method in ("fl-norms", "fl-norms+head"):
             assert 0 < by[method]["peak_mib_ckpt"] < by[method]["peak_mib"]
+            assert 0 < by[method]["peak_mib_ckpt_chunked"] <= by[method]["peak_mib_ckpt"]
+        assert all(by[method]["peak_mib_ckpt_chunked"] is None for method in ("none", "peft-ln", "peft-lora-r8"))
         for method in quality.METHODS[1:]:
             assert len(by[method]["losses"]) == 2 and by[method]["step_ms"] > 0
         assert all(0.0 <= r["metric"] <= 1.0 for r in by.values())
@@ -43,4 +45,4 @@ def test_smoke_rows(tmp_path):
     with open(tmp_path / "quality.csv") as f:
         table = list(csv.DictReader(f))
     assert [(r["task"], r["method"]) for r in table] == [(r["task"], r["method"]) for r in rows]
-    assert list(table[0]) == quality.columns()
+    assert list(table[0]) == quality.COLUMNS
