@@ -56,14 +56,18 @@ class _FrozenHeadLoss(torch.autograd.Function):
             logits = F.linear(hidden[start : start + rows], weight, bias)
             if extra is not None:
                 logits = logits + extra
-            logits = logits.float()
-            total += F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            # cross_entropy's own two steps, its log-softmax kept: exponentiated in place, it is the softmax that
+            # the gradient needs, so a chunk holds two logits-sized tensors at most, not three.
+            log_probabilities = logits.float().log_softmax(-1)
+            del logits
+            total += F.nll_loss(log_probabilities, target, ignore_index=-100, reduction="sum")
             # d(sum of losses) / d(logits): softmax minus the one-hot target, zero on ignored rows.
-            probabilities = logits.softmax(-1)
+            probabilities = log_probabilities.exp_()
             kept = target != -100
             probabilities[kept, target[kept]] -= 1
             probabilities[~kept] = 0
             grad[start : start + rows] = (probabilities.to(weight.dtype) @ weight).to(hidden.dtype)
+            del probabilities, log_probabilities  # before the next chunk's logits
         ctx.save_for_backward(grad)
         return total
 
