@@ -132,6 +132,8 @@ def interleaved(
 
 def ratio_row(label: str, times: dict[str, list[float]], a: str, b: str, target: str, unit: float = 1e3) -> Row:
     ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    if unit == 1 and max(statistics.median(times[a]), statistics.median(times[b])) < 1:
+        unit = 1e3  # sub-second steps in ms, not as 0.06 s
     name = "ms" if unit == 1e3 else "s"
     detail = f"{unit * statistics.median(times[a]):.2f} {name} vs {unit * statistics.median(times[b]):.2f} {name}"
     return label, f"{statistics.median(ratios):.3f}", detail, target
@@ -169,11 +171,16 @@ class PeakTensorMemory(TorchDispatchMode):
     op returns them. A storage counts from the op that made it until its last reference dies.
     """
 
-    def __init__(self, existing: list[torch.Tensor]) -> None:
+    def __init__(self, existing: list[torch.Tensor], record: bool = False) -> None:
         super().__init__()
         self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
+        # record=True: which op made each storage (op, shape), and the live storages when the peak was reached
+        self.record = record
+        self.made_by: dict[int, tuple[str, tuple[int, ...]]] = {}
+        self.at_peak: list[tuple[tuple[str, tuple[int, ...]], int]] = []
+        self.peak_op = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -188,7 +195,13 @@ class PeakTensorMemory(TorchDispatchMode):
                 if ref.cdata not in self.live and ref.cdata not in self.existing:
                     self.live[ref.cdata] = (ref, storage.nbytes())
                     self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
+                    if self.record:
+                        self.made_by[ref.cdata] = (str(func), tuple(tensor.shape))
+        if self.current > self.peak:
+            self.peak = self.current
+            if self.record:
+                self.at_peak = [(self.made_by[key], nbytes) for key, (_, nbytes) in self.live.items()]
+                self.peak_op = str(func)
         return out
 
 
@@ -310,6 +323,29 @@ def lm_peak(model: torch.nn.Module, inputs: dict) -> int:
     with PeakTensorMemory(existing) as tracker:
         lm_step(model, optimizer, inputs)
     return tracker.peak
+
+
+def memory_breakdown(name: str, model: torch.nn.Module, batch: int, seq: int, top: int = 8) -> list[Row]:
+    """Where the peak of one training step goes, for each of `SETTINGS` and side: the storages alive at the peak,
+    summed by the op (and output shape) that made them, largest first."""
+    rows: list[Row] = []
+    inputs = lm_batch(model, batch, seq)
+    for setting in SETTINGS:
+        for side, m in lm_training_pair(model, setting).items():
+            optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+            with PeakTensorMemory([*m.parameters(), *m.buffers(), *inputs.values()], record=True) as tracker:
+                lm_step(m, optimizer, inputs)
+            groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+            for origin, nbytes in tracker.at_peak:
+                groups.setdefault(origin, []).append(nbytes)
+            largest = sorted(groups.items(), key=lambda item: -sum(item[1]))[:top]
+            detail = "; ".join(
+                f"{sum(sizes) / 2**20:.1f} MiB {op.removeprefix('aten.')} {'x'.join(map(str, shape))} x{len(sizes)}"
+                for (op, shape), sizes in largest
+            )
+            label = f"{name} {batch} x {seq}, {setting}, {side}: peak {tracker.peak / 2**20:.1f} MiB"
+            rows.append((label, tracker.peak_op.removeprefix("aten."), detail, ""))
+    return rows
 
 
 def lm_training_rows(
@@ -1056,6 +1092,11 @@ def main() -> None:
     )
     parser.add_argument("--skip-compile-step", action="store_true", help="skip the torch.compile train-step row")
     parser.add_argument(
+        "--memory-breakdown",
+        action="store_true",
+        help="only where SmolLM2's training peak goes (2 x 512): live storages at the peak by the op that made them",
+    )
+    parser.add_argument(
         "--plot", default=str(Path(__file__).resolve().parents[1] / "docs" / "memory.png"), help="'' for no plot"
     )
     parser.add_argument(
@@ -1072,6 +1113,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
+    if args.memory_breakdown:
+        print_table(memory_breakdown("SmolLM2-135M", smollm2.load(verbose=False)[0], 2, 512), 0, load_before)
+        return
     if args.deploy_only:
         print_table(
             deploy_rows("SmolLM2-135M", smollm2.load(verbose=False)[0], min(args.steps, 5)), args.steps, load_before
