@@ -348,6 +348,71 @@ def memory_breakdown(name: str, model: torch.nn.Module, batch: int, seq: int, to
     return rows
 
 
+def head_loss_rows(model: torch.nn.Module, tokens: int = 1024, pairs: int = 2) -> list[Row]:
+    """The loss and input gradient of a frozen head alone (``tokens`` x hidden against the model's head weight),
+    peak tensor memory and time: plain ``linear`` + ``cross_entropy``, our chunk loop (`chunked_model_loss`), torch's
+    ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``; fp32 and bf16, each against the plain loss."""
+    weight = model.get_output_embeddings().weight.detach()
+    labels = torch.randint(0, weight.shape[0], (1, tokens), generator=torch.Generator().manual_seed(0))
+    return [
+        row for dtype in (torch.float32, torch.bfloat16) for row in _head_loss(model, weight.to(dtype), labels, pairs)
+    ]
+
+
+def _head_loss(model: torch.nn.Module, w: torch.Tensor, labels: torch.Tensor, pairs: int) -> list[Row]:
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+
+    from fx_lntune.passes.chunk_loss import chunked_model_loss
+
+    tokens = labels.shape[1]
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, tokens, w.shape[1], generator=generator).to(w.dtype).requires_grad_(True)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    F = torch.nn.functional
+
+    def plain() -> torch.Tensor:
+        logits = F.linear(hidden, w).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted, ignore_index=-100)
+
+    def ours() -> torch.Tensor:
+        return chunked_model_loss(None, labels, "ForCausalLM", model, hidden, w, None, None)
+
+    def torchs() -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return F.linear_cross_entropy(flat, w, shifted, ignore_index=-100, options=LinearCrossEntropyOptions())
+
+    sides = {"plain": plain, "our chunk loop": ours, "F.linear_cross_entropy": torchs}
+    losses: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    for side, loss_fn in sides.items():
+        hidden.grad = None
+        with PeakTensorMemory([w, hidden, labels, shifted]) as tracker:
+            loss = loss_fn()
+            loss.backward()
+        losses[side], peaks[side] = float(loss), tracker.peak
+
+    def timed(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            hidden.grad = None
+            loss_fn().backward()
+
+        return run
+
+    times = {side: statistics.median(t) for side, t in interleaved(
+        {side: timed(fn) for side, fn in sides.items()}, pairs, warmup=1
+    ).items()}  # fmt: skip
+    name = f"head loss {tokens} x {w.shape[1]} vs {w.shape[0]}, {str(w.dtype).removeprefix('torch.')}"
+    return [
+        (
+            f"{name}: {side}",
+            f"{peaks[side] / 2**20:.1f} MiB",
+            f"{times[side]:.2f} s ({times[side] / times['plain']:.2f} of plain); loss {losses[side]:.6f}",
+            "",
+        )
+        for side in sides
+    ]
+
+
 def lm_training_rows(
     name: str, model: torch.nn.Module, batch: int, seq: int, pairs: int, padded_plain: bool = True
 ) -> tuple[list[Row], dict[str, dict[str, int]]]:
@@ -1092,6 +1157,9 @@ def main() -> None:
     )
     parser.add_argument("--skip-compile-step", action="store_true", help="skip the torch.compile train-step row")
     parser.add_argument(
+        "--head-loss-only", action="store_true", help="only the frozen-head loss rows (plain / our loop / torch's op)"
+    )
+    parser.add_argument(
         "--memory-breakdown",
         action="store_true",
         help="only where SmolLM2's training peak goes (2 x 512): live storages at the peak by the op that made them",
@@ -1113,6 +1181,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     rows: list[Row] = []
+    if args.head_loss_only:
+        print_table(head_loss_rows(smollm2.load(verbose=False)[0]), min(args.steps, 2), load_before)
+        return
     if args.memory_breakdown:
         print_table(memory_breakdown("SmolLM2-135M", smollm2.load(verbose=False)[0], 2, 512), 0, load_before)
         return
