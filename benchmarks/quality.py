@@ -201,8 +201,8 @@ def real_tasks() -> list[Task]:
         return llm_tok(a + llm_tok.eos_token, add_special_tokens=False)["input_ids"]
 
     lm = lm_batch(prompt, answer, llm_tok.pad_token_id)
+    load = lambda: smollm2.load(verbose=False)[0].eval()  # noqa: E731
     for name, data in (("smollm2/json-format", json_data()), ("smollm2/arithmetic", arithmetic_data())):
-        load = lambda: smollm2.load(verbose=False)[0].eval()  # noqa: E731
         tasks.append(Task(name, "llama", load, *data, lm, lambda m, items: exact_match(m, items, lm)))
     return tasks
 

@@ -316,13 +316,14 @@ def lm_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: di
     optimizer.zero_grad(set_to_none=True)
 
 
-def lm_peak(model: torch.nn.Module, inputs: dict) -> int:
-    """Peak bytes of live tensor storage of one training step (forward with labels, backward, AdamW)."""
+def lm_peak(model: torch.nn.Module, inputs: dict, record: bool = False) -> PeakTensorMemory:
+    """The tracker of one training step (forward with labels, backward, AdamW): ``.peak`` is the peak bytes of live
+    tensor storage; with ``record``, what was alive at the peak (`PeakTensorMemory`)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     existing = [*model.parameters(), *model.buffers(), *inputs.values()]
-    with PeakTensorMemory(existing) as tracker:
+    with PeakTensorMemory(existing, record=record) as tracker:
         lm_step(model, optimizer, inputs)
-    return tracker.peak
+    return tracker
 
 
 def memory_breakdown(name: str, model: torch.nn.Module, batch: int, seq: int, top: int = 8) -> list[Row]:
@@ -332,9 +333,7 @@ def memory_breakdown(name: str, model: torch.nn.Module, batch: int, seq: int, to
     inputs = lm_batch(model, batch, seq)
     for setting in SETTINGS:
         for side, m in lm_training_pair(model, setting).items():
-            optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-            with PeakTensorMemory([*m.parameters(), *m.buffers(), *inputs.values()], record=True) as tracker:
-                lm_step(m, optimizer, inputs)
+            tracker = lm_peak(m, inputs, record=True)
             groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
             for origin, nbytes in tracker.at_peak:
                 groups.setdefault(origin, []).append(nbytes)
@@ -423,7 +422,7 @@ def lm_training_rows(
     inputs = lm_batch(model, batch, seq)
     for setting in SETTINGS:
         models = lm_training_pair(model, setting)
-        peaks[setting] = {side: lm_peak(m, inputs) for side, m in models.items()}
+        peaks[setting] = {side: lm_peak(m, inputs).peak for side, m in models.items()}
         ours, theirs = peaks[setting]["ours"], peaks[setting]["peft"]
         target = "<= 0.35" if setting.endswith("chunked loss") else "<= 1.00"
         against = "PEFT with checkpointing" if setting != "plain" else "PEFT"
@@ -437,7 +436,7 @@ def lm_training_rows(
         )
         if setting == "plain" and padded_plain:
             padded = lm_batch(model, batch, seq, padded=True)
-            ours_p, theirs_p = (lm_peak(m, padded) for m in models.values())
+            ours_p, theirs_p = (lm_peak(m, padded).peak for m in models.values())
             rows.append(
                 (
                     f"{name} {batch} x {seq}, plain, padded batch: peak training memory, ours / PEFT",
